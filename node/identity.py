@@ -1,0 +1,199 @@
+"""Who a node is: its keys, its self-certifying ID, its signed descriptor.
+
+The node ID is the first 20 bytes of SHA-256 over the Ed25519 identity key,
+written in base32 with one Luhn mod 32 check character, so a mistyped ID is
+caught before anything is looked up. Whoever answers for an ID must show the
+key that hashes to it. The X25519 encryption key is carried in the descriptor,
+which the identity key signs, so it can be rotated without changing the ID.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from dataclasses import dataclass, field, replace
+
+import nacl.public
+import nacl.signing
+
+from . import crypto, wire
+from .errors import InvalidKey, InvalidSignature, RemoteProtocolError, UsageError
+
+ID_BYTES = 20
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+DESCRIPTOR_PREFIX = "cabinet-descriptor:"
+MAX_DESCRIPTOR = 16 * 1024
+DESCRIPTOR_DAYS = 365
+
+
+def _luhn32(text: str) -> str:
+    """Luhn mod N check character over the base32 alphabet."""
+    n = len(_ALPHABET)
+    factor, total = 2, 0
+    for ch in reversed(text):
+        addend = factor * _ALPHABET.index(ch)
+        factor = 1 if factor == 2 else 2
+        total += addend // n + addend % n
+    return _ALPHABET[(n - total % n) % n]
+
+
+def node_id_bytes(sign_public: bytes) -> bytes:
+    return hashlib.sha256(b"cabinet/node-id\0" + sign_public).digest()[:ID_BYTES]
+
+
+def format_node_id(raw: bytes) -> str:
+    """20 raw bytes -> 'ABCD-EFGH-...-WXYZ-C' (eight groups and a check character)."""
+    if len(raw) != ID_BYTES:
+        raise InvalidKey("node ID must be 20 bytes")
+    body = base64.b32encode(raw).decode("ascii").rstrip("=")
+    groups = [body[i:i + 4] for i in range(0, len(body), 4)]
+    return "-".join(groups + [_luhn32(body)])
+
+
+def parse_node_id(text: str) -> bytes:
+    """Parse a typed node ID (dashes and spaces ignored, any case); check the check character."""
+    compact = "".join(ch for ch in str(text).upper() if ch not in " -\t")
+    if len(compact) != 33 or any(ch not in _ALPHABET for ch in compact):
+        raise UsageError("not a node ID (expected 33 letters and digits 2-7, in groups)")
+    body, check = compact[:32], compact[32]
+    if _luhn32(body) != check:
+        raise UsageError("node ID check character does not match: is there a typo?")
+    return base64.b32decode(body)
+
+
+def normalize_node_id(text: str) -> str:
+    return format_node_id(parse_node_id(text))
+
+
+def node_id_for(sign_public: bytes) -> str:
+    return format_node_id(node_id_bytes(sign_public))
+
+
+def safety_code(sign_public_a: bytes, sign_public_b: bytes) -> str:
+    """24 digits, the same on both sides of a pair, to read aloud or compare on screen."""
+    lo, hi = sorted([sign_public_a, sign_public_b])
+    digest = hashlib.sha256(b"cabinet/safety-code\0" + lo + hi).digest()
+    digits = f"{int.from_bytes(digest[:10], 'big') % 10**24:024d}"
+    return " ".join(digits[i:i + 4] for i in range(0, 24, 4))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Descriptor:
+    """A node's public, signed self-description. Anyone can check any copy."""
+
+    node_id: str
+    sign_key: bytes
+    enc_key: bytes
+    name: str
+    specialty: str = ""
+    city: str = ""
+    rpps: str = ""
+    addresses: tuple[str, ...] = ()
+    seq: int = 1
+    issued: int = 0
+    expires: int = 0
+    signed: bytes = field(default=b"", compare=False, repr=False)
+
+    @property
+    def enc_key_id(self) -> bytes:
+        return crypto.key_id(self.enc_key)
+
+    def _body(self) -> dict:
+        return {
+            "v": 1, "id": node_id_bytes(self.sign_key), "sk": self.sign_key, "ek": self.enc_key,
+            "name": self.name, "specialty": self.specialty, "city": self.city, "rpps": self.rpps,
+            "addrs": list(self.addresses), "seq": self.seq, "issued": self.issued, "expires": self.expires,
+        }
+
+    def to_text(self) -> str:
+        return DESCRIPTOR_PREFIX + base64.urlsafe_b64encode(self.signed).decode("ascii").rstrip("=")
+
+    def expired(self, now_ms: int) -> bool:
+        return self.expires <= now_ms
+
+    @classmethod
+    def from_wire(cls, data: bytes) -> "Descriptor":
+        """Decode and verify a signed descriptor; any failure is one clear error."""
+        what = "descriptor"
+        outer = wire.unpack(data, max_size=MAX_DESCRIPTOR, what=what)
+        wire.only_fields(outer if isinstance(outer, dict) else {}, {"body", "sig"}, what=what)
+        body_raw = wire.field(outer, "body", bytes, what=what)
+        sig = wire.field(outer, "sig", bytes, what=what, size=64)
+        body = wire.unpack(body_raw, max_size=MAX_DESCRIPTOR, what=what)
+        wire.only_fields(body, {"v", "id", "sk", "ek", "name", "specialty", "city", "rpps", "addrs",
+                                "seq", "issued", "expires"}, what=what)
+        if wire.field(body, "v", int, what=what) != 1:
+            raise RemoteProtocolError("descriptor: unknown format version")
+        sk = wire.field(body, "sk", bytes, what=what, size=32)
+        if wire.field(body, "id", bytes, what=what, size=ID_BYTES) != node_id_bytes(sk):
+            raise InvalidSignature("descriptor: node ID does not match its key")
+        crypto.verify(sk, "descriptor", body_raw, sig)
+        ek = crypto.check_x25519_public(wire.field(body, "ek", bytes, what=what, size=32))
+        addrs = wire.field(body, "addrs", list, what=what)
+        if len(addrs) > 16 or not all(isinstance(a, str) and len(a) <= 256 for a in addrs):
+            raise RemoteProtocolError("descriptor: bad address list")
+        text = lambda name: wire.field(body, name, str, what=what, max_len=200)  # noqa: E731
+        return cls(
+            node_id=node_id_for(sk), sign_key=sk, enc_key=ek, name=text("name"),
+            specialty=text("specialty"), city=text("city"), rpps=text("rpps"), addresses=tuple(addrs),
+            seq=wire.field(body, "seq", int, what=what), issued=wire.field(body, "issued", int, what=what),
+            expires=wire.field(body, "expires", int, what=what), signed=bytes(data),
+        )
+
+    @classmethod
+    def from_text(cls, text: str) -> "Descriptor":
+        text = text.strip()
+        if not text.startswith(DESCRIPTOR_PREFIX):
+            raise UsageError("not a cabinet descriptor (it should start with 'cabinet-descriptor:')")
+        payload = "".join(text[len(DESCRIPTOR_PREFIX):].split())
+        try:
+            raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+        except (binascii.Error, ValueError):
+            raise UsageError("descriptor text is damaged (bad base64)") from None
+        return cls.from_wire(raw)
+
+
+class Identity:
+    """A node's private keys. Only node.py and the key file ever hold one."""
+
+    def __init__(self, sign_seed: bytes, enc_secrets: list[bytes]) -> None:
+        if len(sign_seed) != 32 or not enc_secrets:
+            raise InvalidKey("identity needs a 32-byte seed and at least one encryption key")
+        self.signing_key = nacl.signing.SigningKey(sign_seed)
+        self._enc = [nacl.public.PrivateKey(s) for s in enc_secrets]
+        self._by_kid = {crypto.key_id(bytes(k.public_key)): k for k in self._enc}
+
+    @classmethod
+    def generate(cls) -> "Identity":
+        return cls(bytes(nacl.signing.SigningKey.generate()), [bytes(nacl.public.PrivateKey.generate())])
+
+    @property
+    def sign_public(self) -> bytes:
+        return bytes(self.signing_key.verify_key)
+
+    @property
+    def node_id(self) -> str:
+        return node_id_for(self.sign_public)
+
+    @property
+    def enc_public(self) -> bytes:
+        return bytes(self._enc[-1].public_key)
+
+    def enc_private(self, kid: bytes) -> nacl.public.PrivateKey | None:
+        return self._by_kid.get(kid)
+
+    def secrets(self) -> dict:
+        return {"sign": bytes(self.signing_key), "enc": [bytes(k) for k in self._enc]}
+
+    def sign(self, domain: str, message: bytes) -> bytes:
+        return crypto.sign(self.signing_key, domain, message)
+
+    def descriptor(self, *, name: str, specialty: str = "", city: str = "", rpps: str = "",
+                   addresses: tuple[str, ...] = (), seq: int, now_ms: int) -> Descriptor:
+        d = Descriptor(node_id=self.node_id, sign_key=self.sign_public, enc_key=self.enc_public, name=name,
+                       specialty=specialty, city=city, rpps=rpps, addresses=tuple(addresses), seq=seq,
+                       issued=now_ms, expires=now_ms + DESCRIPTOR_DAYS * 86_400_000)
+        body = wire.pack(d._body())
+        signed = wire.pack({"body": body, "sig": self.sign("descriptor", body)})
+        return replace(d, signed=signed)

@@ -1,0 +1,104 @@
+"""Canonical msgpack: the one encoding for everything that is signed or sent.
+
+Canonical means: maps have string keys sorted by their UTF-8 bytes, integers
+use their shortest form, strings are str and binary is bin, no floats and no
+extension types. `unpack` accepts only bytes that `pack` would have produced
+(it re-encodes and compares), so two different byte strings never decode to
+the same value and a signature over raw bytes means one thing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from .errors import RemoteProtocolError
+
+MAX_DEPTH = 16
+
+
+def _canon(obj: Any, depth: int = 0) -> Any:
+    if depth > MAX_DEPTH:
+        raise ValueError("nested too deeply")
+    if obj is None or isinstance(obj, (bool, int, str, bytes)):
+        if isinstance(obj, int) and not isinstance(obj, bool) and not -(2**63) <= obj < 2**64:
+            raise ValueError("integer out of range")
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return [_canon(x, depth + 1) for x in obj]
+    if isinstance(obj, dict):
+        for k in obj:
+            if not isinstance(k, str):
+                raise ValueError("map keys must be strings")
+        keys = sorted(obj, key=lambda k: k.encode("utf-8"))
+        return {k: _canon(obj[k], depth + 1) for k in keys}
+    raise ValueError(f"type {type(obj).__name__} is not allowed on the wire")
+
+
+def pack(obj: Any) -> bytes:
+    """Encode `obj` canonically. Raises ValueError for values the format forbids."""
+    return msgpack.packb(_canon(obj), use_bin_type=True)
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ValueError("extension types are not allowed")
+
+
+def _no_duplicates(pairs: list[tuple[Any, Any]]) -> dict:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise ValueError("duplicate map key")
+    return d
+
+
+def unpack(data: bytes, *, max_size: int = 1 << 20, what: str = "message") -> Any:
+    """Decode canonical msgpack, or raise RemoteProtocolError naming `what`."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise RemoteProtocolError(f"{what}: expected bytes")
+    if len(data) > max_size:
+        raise RemoteProtocolError(f"{what}: {len(data)} bytes is over the {max_size} byte limit")
+    try:
+        obj = msgpack.unpackb(
+            bytes(data),
+            raw=False,
+            strict_map_key=True,
+            object_pairs_hook=_no_duplicates,
+            ext_hook=_refuse_ext,
+            timestamp=0,
+            use_list=True,
+        )
+        if pack(obj) != bytes(data):
+            raise ValueError("not in canonical form")
+    except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData, RecursionError) as exc:
+        raise RemoteProtocolError(f"{what}: malformed ({exc.__class__.__name__})") from None
+    return obj
+
+
+# --- field validation helpers used by every from_wire() -------------------
+
+def field(obj: Any, name: str, kind: type | tuple[type, ...], *, what: str, optional: bool = False,
+          size: int | None = None, max_len: int | None = None) -> Any:
+    """Fetch obj[name] and check its type and length, or raise RemoteProtocolError."""
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError(f"{what}: expected a map")
+    if name not in obj or obj[name] is None:
+        if optional:
+            return None
+        raise RemoteProtocolError(f"{what}: missing field {name!r}")
+    value = obj[name]
+    if isinstance(value, bool) and kind is int:
+        raise RemoteProtocolError(f"{what}: field {name!r} has the wrong type")
+    if not isinstance(value, kind):
+        raise RemoteProtocolError(f"{what}: field {name!r} has the wrong type")
+    if size is not None and len(value) != size:
+        raise RemoteProtocolError(f"{what}: field {name!r} must be {size} bytes")
+    if max_len is not None and len(value) > max_len:
+        raise RemoteProtocolError(f"{what}: field {name!r} is too long")
+    return value
+
+
+def only_fields(obj: dict, allowed: set[str], *, what: str) -> None:
+    extra = set(obj) - allowed
+    if extra:
+        raise RemoteProtocolError(f"{what}: unknown field(s) {sorted(extra)}")
