@@ -1,0 +1,355 @@
+"""The `cabinet` command.
+
+Every subcommand takes --data DIR (default: $CABINET_DATA, else ~/.cabinet)
+and reads the passphrase from $CABINET_PASSPHRASE or a prompt. Bad input gets
+one line on stderr that names the problem and a non-zero exit; never a
+traceback. Unexpected failures are logged (without patient data) to
+DIR/node.log and reported in one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .config import default_data_dir
+from .errors import CabinetError, UsageError
+from .node import Node, Summary
+
+log = logging.getLogger("cabinet.cli")
+
+
+# --- helpers -------------------------------------------------------------------
+
+def passphrase(confirm: bool = False) -> str:
+    env = os.environ.get("CABINET_PASSPHRASE")
+    if env is not None:
+        return env
+    if not sys.stdin.isatty():
+        raise UsageError("no passphrase: set CABINET_PASSPHRASE or run in a terminal")
+    first = getpass.getpass("Passphrase: ")
+    if confirm and getpass.getpass("Passphrase again: ") != first:
+        raise UsageError("the two passphrases differ")
+    return first
+
+
+def when(ms: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ms / 1000)) if ms else "-"
+
+
+def size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def setup_logging(folder: Path | None, verbose: bool) -> None:
+    root = logging.getLogger("cabinet")
+    root.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbose:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    if folder is not None and folder.is_dir():
+        fd = os.open(folder / "node.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fh = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8"))
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+
+
+def print_summaries(rows: list[Summary], header: str) -> None:
+    if not rows:
+        print(f"{header}: nothing yet")
+        return
+    print(f"{'ID':10}  {'date':16}  {'from':20}  {'patient':24}  {'subject':30}  files")
+    for s in rows:
+        total = sum(n for _, n in s.attachments)
+        files = f"{len(s.attachments)} ({size(total)})" if s.attachments else "0"
+        mark = "" if s.opened or s.direction == "out" else "*"
+        print(f"{s.id[:10]:10}  {when(s.created):16}  {s.sender_name[:20]:20}  "
+              f"{(s.patient + (' ' + s.born if s.born else ''))[:24]:24}  {(mark + s.subject)[:30]:30}  {files}")
+
+
+# --- commands ------------------------------------------------------------------
+
+async def cmd_init(a) -> int:
+    node_id = await Node.init(a.data, passphrase(confirm=True), name=a.name, specialty=a.specialty, city=a.city,
+                              rpps=a.rpps, listen=a.listen, advertise=a.advertise or ())
+    print(f"Practice node created in {a.data}")
+    print(f"Node ID: {node_id}")
+    print("Next: 'cabinet run' to start it, 'cabinet id' to share your descriptor with colleagues.")
+    return 0
+
+
+async def cmd_run(a) -> int:
+    async with Node.open(a.data, passphrase=passphrase()) as node:
+        host, port = await node.serve(a.listen)
+        print(f"cabinet node {node.node_id} ({node.config.name}) listening on http://{host}:{port}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        print("stopping...", flush=True)
+    print("stopped", flush=True)
+    return 0
+
+
+async def cmd_id(a) -> int:
+    async with Node.open(a.data, passphrase=passphrase()) as node:
+        text = node.descriptor.to_text()
+        if a.export:
+            Path(a.export).write_text(text + "\n", encoding="utf-8")
+            print(f"Descriptor written to {a.export}")
+        print(f"Node ID: {node.node_id}")
+        print(f"Name:    {node.config.name}  {node.config.specialty}  {node.config.city}".rstrip())
+        addrs = ", ".join(node.descriptor.addresses) or "(none advertised)"
+        print(f"Address: {addrs}")
+        if a.text or not a.export:
+            print(text)
+    return 0
+
+
+async def cmd_contact_add(a) -> int:
+    async with Node.open(a.data, passphrase=passphrase()) as node:
+        c, status = await node.add_contact(a.source, name=a.name, expect_id=a.id)
+        print(f"Contact {status}: {c['name']}  {c['node_id']}  (unverified until 'cabinet contact verify')"
+              if not c["verified"] else f"Contact {status}: {c['name']}  {c['node_id']}  (verified)")
+    return 0
+
+
+async def cmd_contact_list(a) -> int:
+    async with Node.open(a.data, passphrase=passphrase()) as node:
+        rows = await node.contacts()
+        if not rows:
+            print("No contacts yet: 'cabinet contact add' adds one.")
+        for c in rows:
+            from .identity import Descriptor
+            d = Descriptor.from_wire(c["descriptor"])
+            state = "verified" if c["verified"] else "unverified (trust on first use)"
+            print(f"{c['name']:24}  {c['node_id']}  {d.specialty or '-'}, {d.city or '-'}  {state}")
+    return 0
+
+
+async def cmd_contact_verify(a) -> int:
+    async with Node.open(a.data, passphrase=passphrase()) as node:
+        c, code = await node.safety_code(a.name)
+        print(f"Safety code with {c['name']} ({c['node_id']}):\n\n    {code}\n")
+        print("Compare it with the code on your colleague's screen (by phone or in person).")
+        if not a.yes:
+            if not sys.stdin.isatty():
+                raise UsageError("confirm with --yes once the codes match (no terminal to ask)")
+            if input("Do the codes match? [y/N] ").strip().lower() not in ("y", "yes", "o", "oui"):
+                print("Not marked verified.")
+                return 1
+        await node.verify_contact(a.name)
+        print(f"{c['name']} is now verified.")
+    return 0
+
+
+def _delivery_report(result) -> None:
+    for rcpt, state in result.deliveries.items():
+        extra = f" ({result.errors[rcpt]})" if rcpt in result.errors else ""
+        print(f"  to {rcpt}: {state}{extra}")
+
+
+async def cmd_send(a) -> int:
+    async with Node.open(a.data, passphrase=passphrase()) as node:
+        data = Path(a.data_file).read_text("utf-8") if a.data_file else ""
+        result = await node.send_referral(to=a.to, patient=a.patient, born=a.born, subject=a.subject,
+                                          letter=Path(a.letter), attachments=a.attachments, data=data,
+                                          deliver=not a.no_deliver)
+        print(f"Record {result.record_id}")
+        _delivery_report(result)
+    return 0
+
+
+async def cmd_reply(a) -> int:
+    async with Node.open(a.data, passphrase=passphrase()) as node:
+        result = await node.reply(a.id, letter=Path(a.letter), attachments=a.attachments, subject=a.subject,
+                                  deliver=not a.no_deliver)
+        print(f"Reply {result.record_id}")
+        _delivery_report(result)
+    return 0
+
+
+async def cmd_outbox(a) -> int:
+    async with Node.open(a.data, passphrase=passphrase()) as node:
+        rows = await node.outbox(a.id)
+        if not rows:
+            print("Outbox: nothing sent yet")
+        for d in rows:
+            name = d["recipient_name"] or d["recipient"]
+            detail = f"delivered {when(d['delivered'])}" if d["state"] == "delivered" else (
+                f"{d['state']}, {d['attempts']} attempt(s), next try {when(d['next_try'])}"
+                + (f": {d['last_error']}" if d["last_error"] else ""))
+            print(f"{d['record_id'][:10]}  {when(d['created'])}  to {name[:24]:24}  {detail}")
+    return 0
+
+
+async def cmd_inbox(a) -> int:
+    async with Node.open(a.data, passphrase=passphrase()) as node:
+        rows = await node.list_records(None if a.all else "in", patient=a.patient, born=a.born or "")
+        print_summaries(rows, "Inbox")
+    return 0
+
+
+async def cmd_show(a) -> int:
+    async with Node.open(a.data, passphrase=passphrase()) as node:
+        view = await node.read(a.id)
+        s, m = view.summary, view.manifest
+        print(f"Record   {s.id}  ({s.kind}, {'received' if s.direction == 'in' else 'sent'})")
+        print(f"From     {s.sender_name} ({s.sender})")
+        print(f"Date     {when(s.created)}")
+        print(f"Patient  {m.patient}" + (f", born {m.born}" if m.born else ""))
+        print(f"Subject  {m.subject}")
+        if s.reply_to:
+            print(f"Reply to {s.reply_to}")
+        for name, n in s.attachments:
+            print(f"Attached {name} ({size(n)})")
+        print()
+        print(m.letter)
+        if m.data:
+            print("\nStructured data:\n" + m.data)
+        thread = await node.thread(s.id)
+        if len(thread) > 1:
+            print("\nThread:")
+            for t in thread:
+                print(f"  {t.id[:10]}  {when(t.created)}  {t.kind:8}  {t.sender_name:20}  {t.subject}")
+    return 0
+
+
+async def cmd_thread(a) -> int:
+    async with Node.open(a.data, passphrase=passphrase()) as node:
+        print_summaries(await node.thread(a.id), "Thread")
+    return 0
+
+
+async def cmd_export(a) -> int:
+    async with Node.open(a.data, passphrase=passphrase()) as node:
+        written = await node.export(a.id, a.dir)
+        for p in written:
+            print(p)
+        if not written:
+            print("This record has no attachments.")
+    return 0
+
+
+async def cmd_audit_verify(a) -> int:
+    async with Node.open(a.data, passphrase=passphrase()) as node:
+        ok, bad = await node.audit_verify()
+        if not ok:
+            print(f"audit log: BROKEN at entry {bad}", file=sys.stderr)
+            return 3
+        print("audit log: intact")
+    return 0
+
+
+# --- parser --------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data", type=Path, default=default_data_dir(),
+                        help="data folder (default: $CABINET_DATA or ~/.cabinet)")
+    common.add_argument("-v", "--verbose", action="store_true", help="log to stderr too")
+    p = argparse.ArgumentParser(prog="cabinet", description="End-to-end encrypted referrals between practices.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, fn, help_, parent=sub):
+        sp = parent.add_parser(name, parents=[common], help=help_, description=help_)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = add("init", cmd_init, "create a practice node")
+    sp.add_argument("--name", required=True, help="practitioner's display name, e.g. 'Dr Anne Martin'")
+    sp.add_argument("--specialty", default="")
+    sp.add_argument("--city", default="")
+    sp.add_argument("--rpps", default="", help="RPPS number (optional)")
+    sp.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:7400)")
+    sp.add_argument("--advertise", action="append", help="address colleagues reach this node at (repeatable)")
+    sp = add("run", cmd_run, "run the node until Ctrl-C or SIGTERM")
+    sp.add_argument("--listen", help="HOST:PORT (default: as configured, 127.0.0.1:7400)")
+    sp = add("id", cmd_id, "print the node ID and the signed descriptor")
+    sp.add_argument("--export", metavar="FILE", help="write the descriptor to FILE")
+    sp.add_argument("--text", action="store_true", help="print the descriptor text even with --export")
+
+    contact = sub.add_parser("contact", help="colleagues: add, list, verify").add_subparsers(
+        dest="contact_command", required=True, metavar="ACTION")
+    sp = add("add", cmd_contact_add, "add a colleague from a descriptor file, text or http://address", contact)
+    sp.add_argument("source", help="descriptor file, descriptor text, or http://host:port")
+    sp.add_argument("--id", help="the node ID you expect (required with http://)")
+    sp.add_argument("--name", help="local name for this contact (default: their display name)")
+    add("list", cmd_contact_list, "list contacts", contact)
+    sp = add("verify", cmd_contact_verify, "show the safety code and mark the contact verified", contact)
+    sp.add_argument("name")
+    sp.add_argument("--yes", action="store_true", help="the codes match: mark verified without asking")
+
+    for name, fn, help_ in (("send", cmd_send, "seal and send a referral"),
+                            ("reply", cmd_reply, "send the report back in the same thread")):
+        sp = add(name, fn, help_)
+        if name == "send":
+            sp.add_argument("--to", action="append", required=True, help="contact name or node ID (repeatable)")
+            sp.add_argument("--patient", required=True)
+            sp.add_argument("--born", default="", help="date of birth, YYYY-MM-DD")
+            sp.add_argument("--subject", default="")
+            sp.add_argument("--data-file", help="structured data (e.g. a FHIR resource as JSON) to include")
+        else:
+            sp.add_argument("id", help="the record being answered")
+            sp.add_argument("--subject", default=None)
+        sp.add_argument("--letter", required=True, help="the letter, a UTF-8 text file")
+        sp.add_argument("--no-deliver", action="store_true", help="only queue it; 'cabinet run' delivers")
+        sp.add_argument("attachments", nargs="*", metavar="ATTACHMENT")
+
+    sp = add("outbox", cmd_outbox, "what was sent, per recipient: queued, delivered")
+    sp.add_argument("id", nargs="?")
+    sp = add("inbox", cmd_inbox, "received records")
+    sp.add_argument("--patient", help="only this patient (with --born)")
+    sp.add_argument("--born", help="patient's date of birth")
+    sp.add_argument("--all", action="store_true", help="sent records too")
+    sp = add("show", cmd_show, "print a record's letter and details")
+    sp.add_argument("id")
+    sp = add("thread", cmd_thread, "the records of one referral's thread")
+    sp.add_argument("id")
+    sp = add("export", cmd_export, "write a record's attachments into a folder")
+    sp.add_argument("id")
+    sp.add_argument("dir")
+    audit = sub.add_parser("audit", help="the audit log").add_subparsers(dest="audit_command", required=True,
+                                                                         metavar="ACTION")
+    add("verify", cmd_audit_verify, "check the audit log's hash chain", audit)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.data = args.data.expanduser()
+    try:
+        setup_logging(args.data, args.verbose or args.fn is cmd_run)
+        return asyncio.run(args.fn(args))
+    except CabinetError as err:
+        print(f"cabinet: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("cabinet: interrupted", file=sys.stderr)
+        return 130
+    except OSError as err:
+        print(f"cabinet: {err.strerror or err}" + (f": {err.filename}" if err.filename else ""), file=sys.stderr)
+        return 1
+    except Exception as err:  # a bug: one line for the user, the traceback in the log
+        log.exception("internal error")
+        print(f"cabinet: internal error ({err.__class__.__name__}); details in {args.data / 'node.log'}",
+              file=sys.stderr)
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The data folder: where it is, its permissions, and the plain-text settings file.
+
+config.json holds only what is public anyway (the practitioner details that go
+into the signed descriptor) and where to listen. Secrets live in the key file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import CorruptStore, UsageError
+
+CONFIG = "config.json"
+DEFAULT_PORT = 7400
+DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("CABINET_DATA")
+    return Path(env).expanduser() if env else Path.home() / ".cabinet"
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise UsageError(f"--listen expects HOST:PORT, e.g. 127.0.0.1:{DEFAULT_PORT} (got {text!r})")
+    return host.strip("[]"), int(port)
+
+
+@dataclass
+class Config:
+    name: str
+    specialty: str = ""
+    city: str = ""
+    rpps: str = ""
+    listen: str = DEFAULT_LISTEN
+    advertise: list[str] = field(default_factory=list)
+    descriptor_seq: int = 1
+
+    def save(self, folder: Path) -> None:
+        from .store.keyfile import write_atomic
+        write_atomic(folder / CONFIG, json.dumps(asdict(self), indent=2).encode("utf-8"), mode=0o600)
+
+    @classmethod
+    def load(cls, folder: Path) -> "Config":
+        try:
+            data = json.loads((folder / CONFIG).read_text("utf-8"))
+            return cls(**data)
+        except FileNotFoundError:
+            raise UsageError(f"no cabinet node in {folder} (run 'cabinet init' first)") from None
+        except (ValueError, TypeError, OSError):
+            raise CorruptStore(f"{folder / CONFIG} is damaged") from None
+
+    def addresses(self, port: int | None = None) -> tuple[str, ...]:
+        if self.advertise:
+            return tuple(self.advertise)
+        host, configured = parse_listen(self.listen)
+        if host in ("0.0.0.0", "::", ""):
+            return ()
+        host = f"[{host}]" if ":" in host else host
+        return (f"http://{host}:{port or configured}",)
+
+
+def prepare_folder(folder: Path, *, create: bool) -> Path:
+    """Make sure the data folder exists (when creating) and is private (0700)."""
+    folder = folder.expanduser().resolve()
+    if create:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    elif not folder.is_dir():
+        raise UsageError(f"no cabinet node in {folder} (run 'cabinet init' first)")
+    mode = stat.S_IMODE(folder.stat().st_mode)
+    if mode & 0o077:
+        os.chmod(folder, 0o700)
+    return folder

@@ -1,0 +1,422 @@
+"""The Node facade: the one place that wires identity, envelope, store and transport.
+
+    async with Node.open("~/.cabinet", passphrase=...) as node:
+        await node.send_referral(to="Dr Durand", patient="Jeanne Martin", born="1961-04-02",
+                                 subject="Chest pain", letter="Dear colleague, ...", attachments=["ecg.pdf"])
+
+Every public method is a coroutine; SQLite and file work run on worker
+threads (the event loop never blocks on them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import mimetypes
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Iterable, Sequence
+
+from . import envelope
+from .config import Config, parse_listen, prepare_folder
+from .delivery import Courier, Receiver
+from .envelope import Attachment, Head, Manifest, Recipient, Sealer
+from .errors import AlreadyExists, NotFound, TooLarge, UsageError
+from .identity import DESCRIPTOR_PREFIX, Descriptor, normalize_node_id, parse_node_id, safety_code
+from .store import blobs as blobstore
+from .store import keyfile, records
+from .store.audit import verify as verify_audit
+from .store.db import DBFILE, Store
+from .transport.client import Client
+from .transport.server import Server
+
+log = logging.getLogger("cabinet.node")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """One line of the inbox, outbox or a thread: no letter text, no attachment content."""
+
+    id: str
+    direction: str
+    kind: str
+    sender: str
+    sender_name: str
+    created: int
+    patient: str
+    born: str
+    subject: str
+    attachments: tuple[tuple[str, int], ...]
+    thread: str
+    reply_to: str | None
+    opened: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordView:
+    summary: Summary
+    recipients: tuple[str, ...]
+    manifest: Manifest
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    record_id: str
+    deliveries: dict[str, str]      # recipient node ID -> queued / delivered
+    errors: dict[str, str]          # recipient node ID -> why it is still queued
+
+
+class Node:
+    def __init__(self, folder: Path, secrets: keyfile.Secrets, config: Config, store: Store) -> None:
+        self.folder, self.config, self.store = folder, config, store
+        self.identity = secrets.identity
+        self._secrets = secrets
+        self.blobs = blobstore.BlobStore(folder)
+        self.client = Client(self.identity)
+        self.courier = Courier(self)
+        self.receiver = Receiver(self)
+        self._server: Server | None = None
+        self._lock_fd: int | None = None
+        self._descriptor = self._make_descriptor()
+
+    # --- lifecycle ----------------------------------------------------------
+
+    @staticmethod
+    async def init(folder: str | Path, passphrase: str, *, name: str, specialty: str = "", city: str = "",
+                   rpps: str = "", listen: str | None = None, advertise: Sequence[str] = ()) -> str:
+        """Create a practice node in `folder`; returns its node ID."""
+        folder = prepare_folder(Path(folder), create=True)
+        if (folder / keyfile.KEYFILE).exists():
+            raise AlreadyExists(f"a cabinet node already exists in {folder}")
+        if not name.strip():
+            raise UsageError("the practitioner's display name must not be empty")
+        cfg = Config(name=name.strip(), specialty=specialty, city=city, rpps=rpps, advertise=list(advertise))
+        if listen:
+            parse_listen(listen)
+            cfg.listen = listen
+        secrets = await asyncio.to_thread(keyfile.create, folder, passphrase)
+        cfg.save(folder)
+        await asyncio.to_thread(lambda: Store(folder / DBFILE).close())
+        return secrets.identity.node_id
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, folder: str | Path, *, passphrase: str) -> AsyncIterator["Node"]:
+        node = await cls.open_node(folder, passphrase=passphrase)
+        try:
+            yield node
+        finally:
+            await node.close()
+
+    @classmethod
+    async def open_node(cls, folder: str | Path, *, passphrase: str) -> "Node":
+        folder = prepare_folder(Path(folder), create=False)
+        config = Config.load(folder)
+        secrets = await asyncio.to_thread(keyfile.open_, folder, passphrase)
+        store = await asyncio.to_thread(Store, folder / DBFILE)
+        return cls(folder, secrets, config, store)
+
+    async def close(self) -> None:
+        await self.courier.stop()
+        if self._server:
+            await self._server.stop()
+            self._server = None
+        await self.client.close()
+        await asyncio.to_thread(self.store.close)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def serve(self, listen: str | None = None) -> tuple[str, int]:
+        """Start the server and the outbox worker; returns the (host, port) listened on."""
+        self._take_run_lock()
+        host, port = parse_listen(listen or self.config.listen)
+        self._server = Server(self.receiver, host, port)
+        await self._server.start()
+        addresses = self.config.addresses(self._server.port)
+        if listen and listen != self.config.listen or addresses != self._descriptor.addresses:
+            self.config.listen = f"{host}:{self._server.port}" if port else (listen or self.config.listen)
+            self.config.descriptor_seq += 1
+            self.config.save(self.folder)
+            self._descriptor = self._make_descriptor()
+        await self.store.call(records.log, at=now_ms(), event="node-started")
+        self.courier.start()
+        return host, self._server.port
+
+    def _take_run_lock(self) -> None:
+        fd = os.open(self.folder / "run.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UsageError(f"a node is already running on {self.folder}") from None
+        self._lock_fd = fd
+
+    # --- identity and contacts ----------------------------------------------
+
+    @property
+    def node_id(self) -> str:
+        return self.identity.node_id
+
+    @property
+    def descriptor(self) -> Descriptor:
+        return self._descriptor
+
+    def _make_descriptor(self) -> Descriptor:
+        c = self.config
+        return self.identity.descriptor(name=c.name, specialty=c.specialty, city=c.city, rpps=c.rpps,
+                                        addresses=c.addresses(), seq=c.descriptor_seq, now_ms=now_ms())
+
+    async def add_contact(self, source: str | bytes, *, name: str | None = None,
+                          expect_id: str | None = None) -> tuple[dict, str]:
+        """Add a colleague from a descriptor (bytes, text, a file path, or an http:// address)."""
+        desc = await self._load_descriptor(source, expect_id)
+        if desc.node_id == self.node_id:
+            raise UsageError("that descriptor is this node's own")
+        if desc.expired(now_ms()):
+            raise UsageError("that descriptor has expired; ask the colleague for a fresh one")
+        status = await self.store.call(records.upsert_contact, desc, (name or desc.name).strip(), now_ms())
+        return await self.store.call(records.find_contact, desc.node_id), status
+
+    async def _load_descriptor(self, source: str | bytes, expect_id: str | None) -> Descriptor:
+        if isinstance(source, bytes):
+            desc = Descriptor.from_wire(source)
+        elif source.startswith(("http://", "https://")):
+            if not expect_id:
+                raise UsageError("give the colleague's node ID (--id) to check who answers at that address")
+            desc = Descriptor.from_wire(await self.client.fetch_descriptor(source))
+        elif source.strip().startswith(DESCRIPTOR_PREFIX):
+            desc = Descriptor.from_text(source)
+        else:
+            path = Path(source).expanduser()
+            try:
+                text = await asyncio.to_thread(path.read_text, "utf-8")
+            except (OSError, UnicodeDecodeError):
+                raise NotFound(f"cannot read a descriptor from {source!r} (not a file, text or http:// address)") from None
+            desc = Descriptor.from_text(text)
+        if expect_id and normalize_node_id(expect_id) != desc.node_id:
+            raise UsageError(f"the descriptor is for {desc.node_id}, not the expected {normalize_node_id(expect_id)}")
+        return desc
+
+    async def contacts(self) -> list[dict]:
+        return await self.store.call(records.list_contacts)
+
+    async def contact(self, ref: str) -> dict:
+        return await self.store.call(records.find_contact, ref)
+
+    async def safety_code(self, ref: str) -> tuple[dict, str]:
+        c = await self.contact(ref)
+        return c, safety_code(self.identity.sign_public, c["sign_key"])
+
+    async def verify_contact(self, ref: str) -> dict:
+        c = await self.contact(ref)
+        await self.store.call(records.mark_verified, c["node_id"], now_ms())
+        return await self.contact(ref)
+
+    # --- sending --------------------------------------------------------------
+
+    async def send_referral(self, *, to: str | Iterable[str], patient: str, born: str = "", subject: str = "",
+                            letter: str | Path = "", attachments: Sequence[str | Path] = (), data: str = "",
+                            deliver: bool = True) -> SendResult:
+        """Seal a referral for one or more contacts, keep it in the outbox, try to deliver it now."""
+        if not patient.strip():
+            raise UsageError("the patient's name must not be empty")
+        return await self._send("referral", to=[to] if isinstance(to, str) else list(to), patient=patient,
+                                born=born, subject=subject, letter=letter, attachments=attachments, data=data,
+                                deliver=deliver)
+
+    async def reply(self, ref: str, *, letter: str | Path, attachments: Sequence[str | Path] = (),
+                    subject: str | None = None, deliver: bool = True) -> SendResult:
+        """Send the consultation report back to the sender, in the same thread."""
+        original = await self.read(ref, audit_event="read-for-reply")
+        s = original.summary
+        to = [s.sender] if s.direction == "in" else [r for r in original.recipients if r != self.node_id]
+        return await self._send("reply", to=to, patient=s.patient, born=s.born,
+                                subject=subject if subject is not None else f"Re: {s.subject}", letter=letter,
+                                attachments=attachments, data="", deliver=deliver, thread=bytes.fromhex(s.thread),
+                                reply_to=bytes.fromhex(s.id))
+
+    async def _send(self, kind: str, *, to: list[str], patient: str, born: str, subject: str, letter: str | Path,
+                    attachments: Sequence[str | Path], data: str, deliver: bool, thread: bytes | None = None,
+                    reply_to: bytes | None = None) -> SendResult:
+        if not to:
+            raise UsageError("give at least one recipient")
+        contacts = [await self.contact(t) for t in to]
+        if len({c["node_id"] for c in contacts}) != len(contacts):
+            raise UsageError("the same colleague is named twice")
+        letter_text = await self._letter_text(letter)
+        paths, atts = await asyncio.to_thread(_check_attachments, attachments)
+        manifest = Manifest(patient=patient.strip(), born=born.strip(), subject=subject.strip(), letter=letter_text,
+                            data=data, attachments=tuple(atts))
+        recipients = [Recipient(parse_node_id(c["node_id"]), Descriptor.from_wire(c["descriptor"]).enc_key)
+                      for c in contacts]
+        sealer = Sealer(sender=self.identity, recipients=recipients, kind=kind, created=now_ms(), thread=thread,
+                        reply_to=reply_to)
+        record_id = sealer.record_id.hex()
+        tmp = self.blobs.incoming / f"{record_id}.sealing"
+        size, digest = await asyncio.to_thread(blobstore.seal_files, sealer, manifest, paths, tmp)
+        head = sealer.head(body_size=size, body_sha256=digest)
+        await asyncio.to_thread(self.blobs.commit, tmp, record_id)
+        row = self._record_row(Head.from_wire(head).header, head, manifest, "out")
+        await self.store.call(records.insert_record, row, recipients=[c["node_id"] for c in contacts],
+                              now=now_ms(), event="sent" if kind == "referral" else "replied")
+        log.info("record %s sealed for %d recipient(s)", record_id, len(contacts))
+        errors: dict[str, str] = {}
+        if deliver:
+            errors = await self.courier.deliver_record(record_id)
+        states = {d["recipient"]: d["state"] for d in await self.store.call(records.deliveries, record_id)}
+        return SendResult(record_id, states, errors)
+
+    async def _letter_text(self, letter: str | Path) -> str:
+        if isinstance(letter, Path):
+            try:
+                return await asyncio.to_thread(letter.read_text, "utf-8")
+            except FileNotFoundError:
+                raise NotFound(f"letter file not found: {letter}") from None
+            except (OSError, UnicodeDecodeError):
+                raise UsageError(f"cannot read the letter {letter.name} as UTF-8 text") from None
+        return letter
+
+    def _record_row(self, h: envelope.Header, head: bytes, m: Manifest, direction: str) -> dict:
+        meta = {"patient": m.patient, "born": m.born, "subject": m.subject,
+                "att": [[a.name, a.size, a.type] for a in m.attachments]}
+        return {"id": h.id_hex, "direction": direction, "kind": h.kind, "sender": h.sender_id,
+                "thread": h.thread.hex(), "reply_to": h.reply_to.hex() if h.reply_to else None,
+                "created": h.created, "stored": now_ms(), "head": head, "body_size": h.body_size,
+                "meta": records.seal_meta(self._secrets.storage_key, meta),
+                "patient_ix": records.patient_index(self._secrets.index_key, m.patient, m.born)}
+
+    async def outbox(self, record: str | None = None) -> list[dict]:
+        rid = (await self.store.call(records.get_record, record))["id"] if record else None
+        return await self.store.call(records.deliveries, rid)
+
+    async def deliver_pending(self) -> int:
+        """Try every due delivery once now (what `cabinet run` does in a loop)."""
+        return await self.courier.run_due()
+
+    # --- reading --------------------------------------------------------------
+
+    async def inbox(self, *, patient: str | None = None, born: str = "") -> list[Summary]:
+        return await self.list_records("in", patient=patient, born=born)
+
+    async def list_records(self, direction: str | None = None, *, patient: str | None = None,
+                           born: str = "") -> list[Summary]:
+        ix = records.patient_index(self._secrets.index_key, patient, born) if patient else None
+        rows = await self.store.call(records.list_records, direction, ix)
+        names = {c["node_id"]: c["name"] for c in await self.contacts()}
+        return [self._summary(r, names) for r in rows]
+
+    async def thread(self, ref: str) -> list[Summary]:
+        row = await self.store.call(records.get_record, ref)
+        rows = await self.store.call(records.list_records, None, None, row["thread"])
+        names = {c["node_id"]: c["name"] for c in await self.contacts()}
+        return sorted((self._summary(r, names) for r in rows), key=lambda s: (s.created, s.id))
+
+    def _summary(self, row: dict, names: dict[str, str]) -> Summary:
+        meta = records.open_meta(self._secrets.storage_key, row["meta"])
+        sender_name = "me" if row["sender"] == self.node_id else names.get(row["sender"], "unknown")
+        return Summary(id=row["id"], direction=row["direction"], kind=row["kind"], sender=row["sender"],
+                       sender_name=sender_name, created=row["created"], patient=meta["patient"],
+                       born=meta["born"], subject=meta["subject"],
+                       attachments=tuple((a[0], a[1]) for a in meta["att"]), thread=row["thread"],
+                       reply_to=row["reply_to"], opened=row["opened"])
+
+    async def read(self, ref: str, *, audit_event: str = "read") -> RecordView:
+        """Open a record: its letter, structured data and attachment list. Logged in the audit."""
+        row = await self.store.call(records.get_record, ref)
+        head = Head.from_wire(row["head"])
+        key = head.content_key(self.identity)
+        manifest = await asyncio.to_thread(blobstore.read_manifest, self.blobs, row["id"], head.header, key)
+        await self.store.call(records.mark_opened, row["id"], now_ms(), audit_event)
+        names = {c["node_id"]: c["name"] for c in await self.contacts()}
+        return RecordView(self._summary(row, names), tuple(head.header.recipient_ids), manifest)
+
+    async def export(self, ref: str, dest: str | Path) -> list[Path]:
+        """Decrypt a record's attachments into `dest` under safe names; never overwrites."""
+        row = await self.store.call(records.get_record, ref)
+        head = Head.from_wire(row["head"])
+        key = head.content_key(self.identity)
+        dest = Path(dest).expanduser()
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create {dest}: {exc.strerror}") from None
+        written = await asyncio.to_thread(_export, self.blobs, row["id"], head.header, key, dest)
+        await self.store.call(records.mark_opened, row["id"], now_ms(), "export")
+        return written
+
+    async def audit_verify(self) -> tuple[bool, int | None]:
+        return await self.store.call(verify_audit)
+
+
+def _check_attachments(items: Sequence[str | Path]) -> tuple[list[Path], list[Attachment]]:
+    paths, atts = [], []
+    if len(items) > envelope.MAX_ATTACHMENTS:
+        raise TooLarge(f"at most {envelope.MAX_ATTACHMENTS} attachments per record")
+    for item in items:
+        p = Path(item).expanduser()
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            raise NotFound(f"attachment not found: {item}") from None
+        except OSError as exc:
+            raise UsageError(f"cannot read attachment {item}: {exc.strerror}") from None
+        if not p.is_file():
+            raise UsageError(f"attachment is not a file: {item}")
+        if st.st_size > envelope.MAX_ATTACHMENT:
+            raise TooLarge(f"attachment {p.name} is {st.st_size / 2**30:.1f} GiB, over the "
+                           f"{envelope.MAX_ATTACHMENT // 2**30} GiB limit")
+        paths.append(p)
+        atts.append(Attachment(name=p.name[:255], size=st.st_size,
+                               type=mimetypes.guess_type(p.name)[0] or "application/octet-stream"))
+    return paths, atts
+
+
+def safe_name(name: str, taken: set[str]) -> str:
+    """A file name that cannot escape the folder or hide: no separators, no leading dots."""
+    base = "".join(ch if ch.isprintable() and ch not in '/\\:*?"<>|' else "_" for ch in name)
+    base = base.strip().lstrip(".").strip() or "attachment"
+    base = base[:200]
+    stem, dot, ext = base.rpartition(".")
+    if not dot:
+        stem, ext = base, ""
+    candidate, n = base, 1
+    while candidate.lower() in taken:
+        n += 1
+        candidate = f"{stem} ({n}).{ext}" if ext else f"{stem} ({n})"
+    taken.add(candidate.lower())
+    return candidate
+
+
+def _export(blobs: blobstore.BlobStore, record_id: str, header: envelope.Header, key: bytes,
+            dest: Path) -> list[Path]:
+    taken = {p.name.lower() for p in dest.iterdir()}
+    tmp_files: dict[int, tuple[Path, Path]] = {}
+
+    def open_sink(i: int, manifest: Manifest):
+        final = dest / safe_name(manifest.attachments[i].name, taken)
+        tmp = dest / f".{final.name}.cabinet-partial"
+        tmp_files[i] = (tmp, final)
+        return open(tmp, "xb")
+
+    try:
+        blobstore.open_to_files(blobs, record_id, header, key, open_sink)
+    except BaseException:
+        for tmp, _ in tmp_files.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    out = []
+    for i in sorted(tmp_files):
+        tmp, final = tmp_files[i]
+        os.link(tmp, final)     # fails rather than overwrite if the name appeared meanwhile
+        tmp.unlink()
+        out.append(final)
+    return out

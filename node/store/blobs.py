@@ -1,0 +1,263 @@
+"""Ciphertext bodies on disk: sealing from files, receiving in pieces, opening for export.
+
+All functions here block; callers run them in a worker thread. Memory stays
+constant whatever the file size: data moves in pieces of a few hundred KiB.
+Hashing and writing run on a second thread while the calling thread encrypts
+or decrypts, so sealing and receiving use both cores of a small box.
+
+Layout under the data folder:
+    blobs/ab/abcdef....      committed ciphertext bodies, named by record ID
+    incoming/<id>.body       a body being received (resumable), never listed
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ..envelope import CT_CHUNK, BodyParser, Decryptor, Header, Manifest, Sealer, plaintext_prefix
+from ..errors import InvalidEnvelope, StoreError, UsageError
+
+READ_SIZE = 16 * CT_CHUNK          # about 1 MiB, a whole number of ciphertext chunks
+_MAX_INFLIGHT = 4
+
+
+class _Pipeline:
+    """Runs hash.update + file.write on a helper thread, a bounded number of pieces behind."""
+
+    def __init__(self, fh, hasher) -> None:
+        self._fh, self._hasher = fh, hasher
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cabinet-io")
+        self._inflight: deque[Future] = deque()
+
+    def _work(self, pieces: list[bytes]) -> None:
+        for p in pieces:
+            self._hasher.update(p)
+            self._fh.write(p)
+
+    def submit(self, pieces: list[bytes]) -> None:
+        if not pieces:
+            return
+        self._inflight.append(self._pool.submit(self._work, pieces))
+        while len(self._inflight) > _MAX_INFLIGHT:
+            self._inflight.popleft().result()
+
+    def drain(self) -> None:
+        try:
+            while self._inflight:
+                self._inflight.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _oserror(exc: OSError, what: str) -> StoreError:
+    return StoreError(f"could not {what}: {exc.strerror or exc}")
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = root / "blobs"
+        self.incoming = root / "incoming"
+        for d in (self.blobs, self.incoming):
+            d.mkdir(mode=0o700, exist_ok=True)
+
+    def path(self, record_id: str) -> Path:
+        return self.blobs / record_id[:2] / record_id
+
+    def incoming_path(self, record_id: str) -> Path:
+        return self.incoming / f"{record_id}.body"
+
+    def exists(self, record_id: str) -> bool:
+        return self.path(record_id).exists()
+
+    def commit(self, tmp: Path, record_id: str) -> None:
+        """Move a finished body into place, durably (fsync file, rename, fsync dir)."""
+        dest = self.path(record_id)
+        try:
+            dest.parent.mkdir(mode=0o700, exist_ok=True)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, dest)
+            fsync_dir(dest.parent)
+        except OSError as exc:
+            raise _oserror(exc, "store the record body") from None
+
+    def remove_incoming(self, record_id: str) -> None:
+        self.incoming_path(record_id).unlink(missing_ok=True)
+
+    def read_range(self, record_id: str, offset: int, size: int = READ_SIZE) -> bytes:
+        with open(self.path(record_id), "rb") as fh:
+            fh.seek(offset)
+            return fh.read(size)
+
+    def iter_body(self, record_id: str, offset: int = 0) -> Iterator[bytes]:
+        with open(self.path(record_id), "rb") as fh:
+            fh.seek(offset)
+            while piece := fh.read(READ_SIZE):
+                yield piece
+
+
+def seal_files(sealer: Sealer, manifest: Manifest, sources: list[Path], dest: Path) -> tuple[int, bytes]:
+    """Encrypt manifest + attachment files into `dest`; returns (ciphertext size, SHA-256)."""
+    hasher = hashlib.sha256()
+    try:
+        with open(dest, "wb") as out:
+            pipe = _Pipeline(out, hasher)
+            try:
+                pipe.submit(sealer.push(plaintext_prefix(manifest)))
+                for src, att in zip(sources, manifest.attachments):
+                    _seal_one(sealer, pipe, src, att.size)
+                pipe.submit([sealer.finish()])
+            finally:
+                pipe.drain()
+            size = out.tell()
+    except OSError as exc:
+        dest.unlink(missing_ok=True)
+        raise _oserror(exc, "write the sealed record") from None
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    return size, hasher.digest()
+
+
+def _seal_one(sealer: Sealer, pipe: _Pipeline, src: Path, size: int) -> None:
+    done = 0
+    try:
+        fh = open(src, "rb")
+    except OSError as exc:
+        raise UsageError(f"cannot read attachment {src.name}: {exc.strerror}") from None
+    with fh:
+        while piece := fh.read(READ_SIZE):
+            done += len(piece)
+            if done > size:
+                break
+            pipe.submit(sealer.push(piece))
+    if done != size:
+        raise UsageError(f"attachment {src.name} changed while it was being sealed")
+
+
+class Inbound:
+    """A body being received: written, hashed and decrypted piece by piece.
+
+    Resumable: opening an existing partial file re-reads it to rebuild the
+    hash and decryption state, then the sender continues from its size.
+    Nothing is visible anywhere until `finish` has checked everything.
+    """
+
+    def __init__(self, path: Path, header: Header, content_key: bytes) -> None:
+        self.path, self.header = path, header
+        self._hash = hashlib.sha256()
+        self._dec = Decryptor(header, content_key)
+        self._parser = BodyParser()
+        self.size = 0
+        try:
+            if path.exists():
+                with open(path, "rb") as fh:
+                    while piece := fh.read(READ_SIZE):
+                        self._absorb(piece)
+            self._fh = open(path, "ab")
+        except OSError as exc:
+            raise _oserror(exc, "open the incoming record") from None
+        except InvalidEnvelope:
+            path.unlink(missing_ok=True)
+            raise
+
+    def _absorb(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.header.body_size:
+            raise InvalidEnvelope()
+        self._hash.update(data)
+        for plain in self._dec.feed(data):
+            for _ in self._parser.feed(plain):
+                pass
+
+    def write(self, data: bytes) -> None:
+        self._absorb(data)
+        try:
+            self._fh.write(data)
+        except OSError as exc:
+            raise _oserror(exc, "write the incoming record") from None
+
+    @property
+    def complete(self) -> bool:
+        return self.size == self.header.body_size
+
+    def finish(self) -> Manifest:
+        """Check size, digest and the end of the stream; flush to disk; return the manifest."""
+        try:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        except OSError as exc:
+            raise _oserror(exc, "write the incoming record") from None
+        finally:
+            self._fh.close()
+        if not self.complete or self._hash.digest() != self.header.body_sha256:
+            raise InvalidEnvelope()
+        for _ in self._parser.feed(self._dec.finish()):
+            pass
+        return self._parser.finish()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_manifest(blobs: BlobStore, record_id: str, header: Header, content_key: bytes) -> Manifest:
+    """Decrypt just enough of a stored body to read its manifest (letter and details)."""
+    dec, parser = Decryptor(header, content_key), BodyParser()
+    for piece in blobs.iter_body(record_id):
+        for plain in dec.feed(piece):
+            for _ in parser.feed(plain):
+                pass
+            if parser.manifest is not None:
+                return parser.manifest
+    for _ in parser.feed(dec.finish()):
+        pass
+    return parser.finish()
+
+
+def open_to_files(blobs: BlobStore, record_id: str, header: Header, content_key: bytes,
+                  open_sink: Callable[[int, Manifest], object]) -> Manifest:
+    """Decrypt a stored body, verifying it, and hand each attachment's bytes to a sink.
+
+    `open_sink(i, manifest)` returns a writable file for attachment i; the
+    caller renames its files into place only after this returns.
+    """
+    dec, parser = Decryptor(header, content_key), BodyParser()
+    hasher = hashlib.sha256()
+    sinks: dict[int, object] = {}
+
+    def route(plain: bytes) -> None:
+        for i, data in parser.feed(plain):
+            if i not in sinks:
+                sinks[i] = open_sink(i, parser.manifest)
+            sinks[i].write(data)
+
+    try:
+        for piece in blobs.iter_body(record_id):
+            hasher.update(piece)
+            for plain in dec.feed(piece):
+                route(plain)
+        route(dec.finish())
+        manifest = parser.finish()
+        if hasher.digest() != header.body_sha256:
+            raise InvalidEnvelope()
+        for i in range(len(manifest.attachments)):
+            if i not in sinks:          # empty attachment: no bytes ever routed
+                sinks[i] = open_sink(i, manifest)
+        return manifest
+    finally:
+        for fh in sinks.values():
+            fh.close()

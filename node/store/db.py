@@ -1,0 +1,154 @@
+"""The SQLite database and the one thread that touches it.
+
+sqlite-utils over one connection, used only from a single worker thread, so
+the event loop never blocks on SQLite and writes are serialised (the pattern
+of datasette's execute_write_fn). WAL with synchronous=FULL: a commit that
+returned is on disk, which is what lets the receiver acknowledge a record
+right after committing it. secure_delete overwrites freed pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import sqlite_utils
+
+from ..errors import CorruptStore, StoreError
+
+DBFILE = "cabinet.db"
+SCHEMA_VERSION = 1
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
+CREATE TABLE IF NOT EXISTS contacts (
+    node_id    TEXT PRIMARY KEY,
+    name       TEXT NOT NULL UNIQUE COLLATE NOCASE,
+    sign_key   BLOB NOT NULL,
+    descriptor BLOB NOT NULL,
+    seq        INTEGER NOT NULL,
+    verified   INTEGER NOT NULL DEFAULT 0,
+    added      INTEGER NOT NULL,
+    updated    INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS records (
+    id         TEXT PRIMARY KEY,
+    direction  TEXT NOT NULL CHECK (direction IN ('in', 'out')),
+    kind       TEXT NOT NULL,
+    sender     TEXT NOT NULL,
+    thread     TEXT NOT NULL,
+    reply_to   TEXT,
+    created    INTEGER NOT NULL,
+    stored     INTEGER NOT NULL,
+    head       BLOB NOT NULL,
+    body_size  INTEGER NOT NULL,
+    meta       BLOB NOT NULL,
+    patient_ix BLOB NOT NULL,
+    opened     INTEGER
+);
+CREATE INDEX IF NOT EXISTS records_thread ON records (thread, created);
+CREATE INDEX IF NOT EXISTS records_patient ON records (patient_ix);
+CREATE INDEX IF NOT EXISTS records_listing ON records (direction, stored);
+CREATE TABLE IF NOT EXISTS deliveries (
+    record_id  TEXT NOT NULL REFERENCES records (id),
+    recipient  TEXT NOT NULL,
+    seq        INTEGER NOT NULL,
+    state      TEXT NOT NULL,
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    next_try   INTEGER NOT NULL,
+    last_error TEXT,
+    sent_bytes INTEGER NOT NULL DEFAULT 0,
+    updated    INTEGER NOT NULL,
+    delivered  INTEGER,
+    receipt    BLOB,
+    PRIMARY KEY (record_id, recipient),
+    UNIQUE (recipient, seq)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_try);
+CREATE TABLE IF NOT EXISTS audit (
+    seq    INTEGER PRIMARY KEY,
+    at     INTEGER NOT NULL,
+    event  TEXT NOT NULL,
+    record TEXT,
+    peer   TEXT,
+    detail TEXT,
+    prev   BLOB NOT NULL,
+    hash   BLOB NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"""
+
+
+def connect(path: Path) -> sqlite_utils.Database:
+    """Open (creating if needed) the database file and bring the schema up to date."""
+    try:
+        conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+        db = sqlite_utils.Database(conn)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA secure_delete=ON")
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.executescript(SCHEMA)
+        version = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if version is None:
+            conn.execute("INSERT INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        elif version[0] != SCHEMA_VERSION:
+            raise CorruptStore(f"database schema {version[0]} is not supported by this version")
+        return db
+    except sqlite3.DatabaseError as exc:
+        raise CorruptStore(f"the database {path.name} is damaged or not a cabinet database ({exc})") from None
+
+
+class Store:
+    """Async facade: `await store.call(fn, *args)` runs fn(db, *args) on the database thread."""
+
+    def __init__(self, path: Path) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cabinet-db")
+        self.db = self._pool.submit(connect, path).result()
+
+    def call_sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return self._pool.submit(_guarded, fn, self.db, args, kwargs).result()
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, _guarded, fn, self.db, args, kwargs)
+
+    def close(self) -> None:
+        try:
+            self._pool.submit(self.db.conn.close).result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _guarded(fn: Callable[..., T], db: sqlite_utils.Database, args: tuple, kwargs: dict) -> T:
+    try:
+        return fn(db, *args, **kwargs)
+    except sqlite3.DatabaseError as exc:
+        if "disk" in str(exc) or "full" in str(exc):
+            raise StoreError(f"the database could not be written: {exc}") from None
+        raise StoreError(f"database error: {exc}") from None
+
+
+class transaction:
+    """`with transaction(db):` BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error."""
+
+    def __init__(self, db: sqlite_utils.Database) -> None:
+        self.conn = db.conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.conn.execute("COMMIT")
+        else:
+            self.conn.execute("ROLLBACK")

@@ -1,0 +1,162 @@
+"""The node's HTTP client: signed requests to colleagues, checked answers.
+
+aiohttp's exceptions are translated here (as httpcore's map_exceptions does),
+so callers only ever see PeerUnreachable, PeerTimeout, PeerRefused or
+AuthenticationFailed. A large body is streamed from an async iterator the
+caller provides; the client never holds more than one piece in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+import aiohttp
+
+from .. import wire
+from ..errors import (AuthenticationFailed, PeerRefused, PeerTimeout, PeerUnreachable, ProtocolError,
+                      RemoteProtocolError, TransportError, UsageError)
+from ..identity import Identity, parse_node_id
+from . import auth
+
+MAX_ANSWER = 1 << 20
+CONNECT_TIMEOUT = 10
+READ_TIMEOUT = 120
+RESUME_PROBE = 1 << 20          # bodies larger than this start with a status query
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    node_id: str
+    sign_key: bytes
+    addresses: tuple[str, ...]
+
+
+@contextlib.contextmanager
+def map_exceptions(address: str):
+    try:
+        yield
+    except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, ConnectionError) as exc:
+        raise PeerUnreachable(f"cannot reach {address}: {getattr(exc, 'strerror', None) or 'connection failed'}") from None
+    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+        raise PeerTimeout(f"{address} did not answer in time") from None
+    except aiohttp.InvalidURL:
+        raise UsageError(f"not a usable address: {address}") from None
+    except aiohttp.ClientError as exc:
+        raise PeerUnreachable(f"transfer to {address} failed ({exc.__class__.__name__})") from None
+
+
+class Client:
+    def __init__(self, identity: Identity) -> None:
+        self.identity = identity
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            timeout = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT)
+            self._session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def fetch_descriptor(self, address: str) -> bytes:
+        url = address.rstrip("/") + "/v1/descriptor"
+        if not url.startswith(("http://", "https://")):
+            raise UsageError("a node address starts with http:// or https://")
+        with map_exceptions(address):
+            async with self._http().get(url, timeout=aiohttp.ClientTimeout(total=20)) as resp:
+                if resp.status != 200:
+                    raise PeerRefused(f"{address} answered {resp.status} instead of a descriptor", resp.status)
+                body = await resp.content.read(64 * 1024 + 1)
+        if len(body) > 64 * 1024:
+            raise RemoteProtocolError("descriptor too large")
+        return body
+
+    async def push_record(self, peer: Peer, record_id: str, head_raw: bytes, body_size: int,
+                          read_from: Callable[[int], AsyncIterator[bytes]],
+                          progress: Callable[[int], None] | None = None) -> dict:
+        """Upload a record; resume from the offset the peer says it has. Returns the peer's answer."""
+        if not peer.addresses:
+            raise PeerUnreachable("no known address for this contact")
+        last: TransportError | None = None
+        for address in peer.addresses:
+            try:
+                return await self._push_to(address, peer, record_id, head_raw, body_size, read_from, progress)
+            except (PeerUnreachable, PeerTimeout) as exc:
+                last = exc
+        assert last is not None
+        raise last
+
+    async def _push_to(self, address, peer, record_id, head_raw, body_size, read_from, progress) -> dict:
+        offset = 0
+        if body_size > RESUME_PROBE:
+            # Ask first, so an interrupted upload resumes instead of starting again.
+            status = await self.record_status(address, peer, record_id)
+            if status.get("stored"):
+                return status | {"status": "duplicate"}
+            offset = status.get("have", 0) if isinstance(status.get("have"), int) else 0
+        for _ in range(3):
+            status, answer = await self._put(address, peer, record_id, head_raw, offset, read_from, progress)
+            if status == 409 and isinstance(answer.get("have"), int) and 0 <= answer["have"] <= body_size:
+                offset = answer["have"]          # the peer kept a partial upload: send only the rest
+                continue
+            if status != 200:
+                raise PeerRefused(f"{peer.node_id} refused the record: {answer.get('error', status)}", status)
+            return answer
+        raise PeerRefused("the peer keeps asking for a different offset", 409)
+
+    async def record_status(self, address: str, peer: Peer, record_id: str) -> dict:
+        target = f"/v1/records/{record_id}/status"
+        nonce = os.urandom(16)
+        headers = auth.sign_request(self.identity, method="GET", target=target, callee=parse_node_id(peer.node_id),
+                                    body_digest=auth.digest(b""), now_ms=auth.now_ms(), nonce=nonce)
+        with map_exceptions(address):
+            async with self._http().get(address.rstrip("/") + target, headers=headers) as resp:
+                raw = await resp.content.read(MAX_ANSWER + 1)
+                status, resp_headers = resp.status, resp.headers
+        answer = self._answer(peer, nonce, status, raw, resp_headers)
+        if status != 200:
+            raise PeerRefused(f"{peer.node_id} refused: {answer.get('error', status)}", status)
+        return answer
+
+    async def _put(self, address, peer, record_id, head_raw, offset, read_from, progress) -> tuple[int, dict]:
+        target = f"/v1/records/{record_id}?offset={offset}"
+        nonce = os.urandom(16)
+        headers = auth.sign_request(self.identity, method="PUT", target=target, callee=parse_node_id(peer.node_id),
+                                    body_digest=auth.digest(head_raw), now_ms=auth.now_ms(), nonce=nonce)
+        headers["Content-Type"] = "application/octet-stream"
+
+        async def body() -> AsyncIterator[bytes]:
+            yield len(head_raw).to_bytes(4, "big") + head_raw
+            sent = offset
+            async for piece in read_from(offset):
+                yield piece
+                sent += len(piece)
+                if progress:
+                    progress(sent)
+
+        with map_exceptions(address):
+            async with self._http().put(address.rstrip("/") + target, data=body(), headers=headers) as resp:
+                raw = await resp.content.read(MAX_ANSWER + 1)
+                status = resp.status
+                resp_headers = resp.headers
+        return status, self._answer(peer, nonce, status, raw, resp_headers)
+
+    def _answer(self, peer: Peer, nonce: bytes, status: int, raw: bytes, headers) -> dict:
+        if auth.H_SIG not in headers and status >= 400:
+            # Refused before our handler ran (e.g. by aiohttp itself): nothing to trust but the status.
+            raise PeerRefused(f"{peer.node_id} refused the request (HTTP {status})", status)
+        auth.verify_response(peer.sign_key, nonce=nonce, status=status, body=raw, headers=headers)
+        try:
+            answer = wire.unpack(raw, max_size=MAX_ANSWER, what="answer")
+        except ProtocolError:
+            raise AuthenticationFailed("malformed answer from peer") from None
+        if not isinstance(answer, dict):
+            raise RemoteProtocolError("answer: expected a map")
+        return answer
