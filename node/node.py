@@ -85,6 +85,7 @@ class Node:
         self.receiver = Receiver(self)
         self._server: Server | None = None
         self._lock_fd: int | None = None
+        self._bound_port: int | None = None
         self._descriptor = self._make_descriptor()
 
     # --- lifecycle ----------------------------------------------------------
@@ -141,10 +142,12 @@ class Node:
         host, port = parse_listen(listen or self.config.listen)
         self._server = Server(self.receiver, host, port)
         await self._server.start()
-        addresses = self.config.addresses(self._server.port)
-        if listen and listen != self.config.listen or addresses != self._descriptor.addresses:
-            self.config.listen = f"{host}:{self._server.port}" if port else (listen or self.config.listen)
-            self.config.descriptor_seq += 1
+        self._bound_port = self._server.port
+        if listen and port and listen != self.config.listen:
+            self.config.listen = listen
+            self.config.save(self.folder)
+        if self.config.addresses(self._bound_port) != self._descriptor.addresses:
+            self.config.descriptor_seq += 1          # peers replace older descriptors by sequence number
             self.config.save(self.folder)
             self._descriptor = self._make_descriptor()
         await self.store.call(records.log, at=now_ms(), event="node-started")
@@ -173,7 +176,7 @@ class Node:
     def _make_descriptor(self) -> Descriptor:
         c = self.config
         return self.identity.descriptor(name=c.name, specialty=c.specialty, city=c.city, rpps=c.rpps,
-                                        addresses=c.addresses(), seq=c.descriptor_seq, now_ms=now_ms())
+                                        addresses=c.addresses(self._bound_port), seq=c.descriptor_seq, now_ms=now_ms())
 
     async def add_contact(self, source: str | bytes, *, name: str | None = None,
                           expect_id: str | None = None) -> tuple[dict, str]:

@@ -55,7 +55,7 @@ class Handler(Protocol):
 
 HANDLER = web.AppKey("handler", Handler)
 GUARD = web.AppKey("guard", auth.ReplayGuard)
-_NONCE = "cabinet.nonce"
+_NONCE = web.RequestKey("nonce", bytes)
 
 STATUS = [
     (AuthenticationFailed, 401), (TooLarge, 413), (NotFound, 404), (RemoteProtocolError, 400),

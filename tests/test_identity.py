@@ -1,0 +1,277 @@
+"""Node IDs (check character), signed descriptors, safety codes, the Identity key holder."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+
+import pytest
+
+from node import crypto, identity, wire
+from node.errors import CabinetError, InvalidKey, InvalidSignature, RemoteProtocolError, UsageError
+from node.identity import Descriptor, Identity, format_node_id, node_id_bytes, parse_node_id, safety_code
+
+ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+NOW = 1_767_605_400_000
+
+
+def ident(n: int) -> Identity:
+    return Identity(hashlib.sha256(b"sign%d" % n).digest(), [hashlib.sha256(b"enc%d" % n).digest()])
+
+
+# --- node IDs ---------------------------------------------------------------------
+
+def test_node_id_is_a_hash_of_the_key():
+    pk = ident(1).sign_public
+    assert node_id_bytes(pk) == hashlib.sha256(b"cabinet/node-id\0" + pk).digest()[:20]
+    assert ident(1).node_id == format_node_id(node_id_bytes(pk))
+    assert node_id_bytes(ident(2).sign_public) != node_id_bytes(pk)
+
+
+def test_format_shape():
+    for n in range(20):
+        text = ident(n).node_id
+        assert re.fullmatch(r"([A-Z2-7]{4}-){8}[A-Z2-7]", text), text
+        assert text.replace("-", "")[:32] == base64.b32encode(node_id_bytes(ident(n).sign_public)).decode()
+
+
+def test_parse_round_trip():
+    for raw in (bytes(20), b"\xff" * 20, bytes(range(20))):
+        assert parse_node_id(format_node_id(raw)) == raw
+    for n in range(10):
+        text = ident(n).node_id
+        assert parse_node_id(text) == node_id_bytes(ident(n).sign_public)
+        assert identity.normalize_node_id(text) == text
+
+
+def test_every_single_character_substitution_is_caught():
+    for n in range(3):
+        compact = ident(n).node_id.replace("-", "")
+        for pos in range(len(compact)):
+            for ch in ALPHABET:
+                if ch == compact[pos]:
+                    continue
+                typo = compact[:pos] + ch + compact[pos + 1:]
+                with pytest.raises(UsageError, match="check character"):
+                    parse_node_id(typo)
+
+
+def test_dashes_spaces_tabs_and_lowercase_accepted():
+    text = ident(4).node_id
+    raw = node_id_bytes(ident(4).sign_public)
+    compact = text.replace("-", "")
+    for variant in (compact, compact.lower(), text.lower(), text.replace("-", " "), " " + text + " ",
+                    "\t".join(compact[i:i + 3] for i in range(0, 33, 3)), text.replace("-", " - ")):
+        assert parse_node_id(variant) == raw
+        assert identity.normalize_node_id(variant) == text
+
+
+def test_malformed_ids_refused():
+    compact = ident(5).node_id.replace("-", "")
+    for bad in ("", compact[:-1], compact + "A", compact[:10] + "0" + compact[11:], compact[:10] + "1" + compact[11:],
+                compact[:10] + "8" + compact[11:], compact[:10] + "_" + compact[11:], compact.replace("A", "a", 1) + "\n!"):
+        with pytest.raises(UsageError, match="not a node ID"):
+            parse_node_id(bad)
+    with pytest.raises(InvalidKey):
+        format_node_id(b"\x00" * 19)
+
+
+# --- descriptors ------------------------------------------------------------------
+
+def make(n: int = 1, **kw) -> Descriptor:
+    args = dict(name="Dr Lefebvre", specialty="general practice", city="Lyon", rpps="10001234567",
+                addresses=("https://192.0.2.10:8443",), seq=3, now_ms=NOW)
+    args.update(kw)
+    return ident(n).descriptor(**args)
+
+
+def resign(body: dict, signer: Identity) -> bytes:
+    raw = wire.pack(body)
+    return wire.pack({"body": raw, "sig": signer.sign("descriptor", raw)})
+
+
+def body_of(d: Descriptor) -> dict:
+    return wire.unpack(wire.unpack(d.signed)["body"])
+
+
+def test_descriptor_round_trip():
+    d = make()
+    for back in (Descriptor.from_wire(d.signed), Descriptor.from_text(d.to_text())):
+        assert back == d
+        assert back.signed == d.signed
+        assert back.node_id == ident(1).node_id and back.enc_key == ident(1).enc_public
+        assert back.addresses == ("https://192.0.2.10:8443",) and back.seq == 3
+        assert back.enc_key_id == crypto.key_id(ident(1).enc_public)
+    assert d.issued == NOW and d.expires == NOW + identity.DESCRIPTOR_DAYS * 86_400_000
+
+
+def test_descriptor_text_tolerates_line_breaks():
+    text = make().to_text()
+    wrapped = text[:40] + "\n" + text[40:90] + " \n  " + text[90:] + "\n"
+    assert Descriptor.from_text("  " + wrapped) == make()
+
+
+def test_descriptor_text_errors():
+    with pytest.raises(UsageError, match="should start with"):
+        Descriptor.from_text("descriptor:abc")
+    with pytest.raises(UsageError, match="bad base64"):
+        Descriptor.from_text(identity.DESCRIPTOR_PREFIX + "a")
+    with pytest.raises(RemoteProtocolError):
+        Descriptor.from_text(identity.DESCRIPTOR_PREFIX + "AAAA")
+
+
+def test_descriptor_every_byte_flip_refused():
+    signed = make().signed
+    for i in range(len(signed)):
+        for mask in (0x01, 0x80):
+            bad = signed[:i] + bytes([signed[i] ^ mask]) + signed[i + 1:]
+            with pytest.raises((RemoteProtocolError, InvalidSignature)):
+                Descriptor.from_wire(bad)
+
+
+def test_descriptor_field_changes_without_resigning_refused():
+    d = make()
+    sig = wire.unpack(d.signed)["sig"]
+    for key, value in [("name", "Dr Mallory"), ("addrs", ["https://203.0.113.66"]), ("seq", 4),
+                       ("expires", 2**62), ("ek", ident(9).enc_public), ("rpps", "1")]:
+        body = dict(body_of(d), **{key: value})
+        with pytest.raises(InvalidSignature):
+            Descriptor.from_wire(wire.pack({"body": wire.pack(body), "sig": sig}))
+
+
+def test_descriptor_signed_by_another_key_refused():
+    with pytest.raises(InvalidSignature):
+        Descriptor.from_wire(resign(body_of(make(1)), ident(2)))
+
+
+def test_descriptor_wrong_id_refused():
+    body = body_of(make(1))
+    body["id"] = node_id_bytes(ident(2).sign_public)
+    with pytest.raises(InvalidSignature, match="node ID does not match"):
+        Descriptor.from_wire(resign(body, ident(1)))
+
+
+def test_descriptor_claiming_another_key_refused():
+    """Someone else's key and ID, signed by me: the signature does not verify under their key."""
+    body = body_of(make(1))
+    body["sk"] = ident(2).sign_public
+    body["id"] = node_id_bytes(ident(2).sign_public)
+    with pytest.raises(InvalidSignature):
+        Descriptor.from_wire(resign(body, ident(1)))
+
+
+def test_descriptor_expiry():
+    d = make()
+    assert not d.expired(NOW)
+    assert not d.expired(d.expires - 1)
+    assert d.expired(d.expires)
+    assert d.expired(d.expires + 1)
+    old = Descriptor.from_wire(make(now_ms=NOW - 400 * 86_400_000).signed)
+    assert old.expired(NOW)
+
+
+def test_descriptor_validation_after_signature():
+    d = make()
+    cases = [
+        ({"v": 2}, RemoteProtocolError, "unknown format version"),
+        ({"extra": 1}, RemoteProtocolError, "unknown field"),
+        ({"ek": bytes(32)}, InvalidKey, None),                  # low-order encryption key
+        ({"ek": b"\x01" + bytes(31)}, InvalidKey, None),
+        ({"ek": b"short"}, RemoteProtocolError, "must be 32 bytes"),
+        ({"addrs": ["x"] * 17}, RemoteProtocolError, "address list"),
+        ({"addrs": ["x" * 257]}, RemoteProtocolError, "address list"),
+        ({"addrs": [1]}, RemoteProtocolError, "address list"),
+        ({"name": "x" * 201}, RemoteProtocolError, "too long"),
+        ({"seq": "3"}, RemoteProtocolError, "wrong type"),
+        ({"seq": True}, RemoteProtocolError, "wrong type"),
+    ]
+    for change, error, message in cases:
+        body = dict(body_of(d), **change)
+        with pytest.raises(error, match=message):
+            Descriptor.from_wire(resign(body, ident(1)))
+    body = body_of(d)
+    del body["city"]
+    with pytest.raises(RemoteProtocolError, match="missing field 'city'"):
+        Descriptor.from_wire(resign(body, ident(1)))
+
+
+def test_descriptor_structure_errors():
+    d = make()
+    outer = wire.unpack(d.signed)
+    for bad in (wire.pack([1]), wire.pack({"body": outer["body"]}), wire.pack({**outer, "x": 1}),
+                wire.pack({"body": outer["body"], "sig": outer["sig"][:-1]}), b"\xc1",
+                wire.pack({"body": b"\xc1", "sig": outer["sig"]})):
+        with pytest.raises(RemoteProtocolError):
+            Descriptor.from_wire(bad)
+    with pytest.raises(RemoteProtocolError, match="limit"):
+        Descriptor.from_wire(wire.pack({"body": b"x" * identity.MAX_DESCRIPTOR, "sig": outer["sig"]}))
+
+
+def test_descriptor_signature_is_domain_separated():
+    d = make()
+    outer = wire.unpack(d.signed)
+    crypto.verify(d.sign_key, "descriptor", outer["body"], outer["sig"])
+    for domain in ("envelope", "request", "receipt", "descriptor2"):
+        with pytest.raises(InvalidSignature):
+            crypto.verify(d.sign_key, domain, outer["body"], outer["sig"])
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError,
+                   reason="Descriptor.from_wire calls only_fields(body) before checking body is a map")
+def test_descriptor_with_a_non_map_body_is_a_protocol_error():
+    for body in (5, None, [[1]]):
+        with pytest.raises(CabinetError):
+            Descriptor.from_wire(wire.pack({"body": wire.pack(body), "sig": bytes(64)}))
+
+
+# --- safety codes -------------------------------------------------------------------
+
+def test_safety_code_symmetric_and_shaped():
+    a, b = ident(1).sign_public, ident(2).sign_public
+    code = safety_code(a, b)
+    assert code == safety_code(b, a)
+    assert re.fullmatch(r"\d{4}( \d{4}){5}", code)
+
+
+def test_safety_code_differs_per_pair():
+    keys = [ident(n).sign_public for n in range(8)]
+    codes = {safety_code(keys[i], keys[j]) for i in range(8) for j in range(i + 1, 8)}
+    assert len(codes) == 28
+    assert safety_code(keys[0], keys[1]) != safety_code(keys[0], keys[2])
+
+
+def test_safety_code_definition():
+    a, b = ident(1).sign_public, ident(2).sign_public
+    lo, hi = sorted([a, b])
+    n = int.from_bytes(hashlib.sha256(b"cabinet/safety-code\0" + lo + hi).digest()[:10], "big") % 10**24
+    assert safety_code(a, b).replace(" ", "") == f"{n:024d}"
+
+
+# --- the key holder -------------------------------------------------------------------
+
+def test_identity_keys():
+    i = ident(1)
+    assert Identity(**{"sign_seed": i.secrets()["sign"], "enc_secrets": i.secrets()["enc"]}).node_id == i.node_id
+    sig = i.sign("receipt", b"hello")
+    crypto.verify(i.sign_public, "receipt", b"hello", sig)
+    with pytest.raises(InvalidSignature):
+        crypto.verify(i.sign_public, "receipt", b"hellO", sig)
+
+
+def test_identity_key_rotation():
+    old, new = hashlib.sha256(b"old").digest(), hashlib.sha256(b"new").digest()
+    i = Identity(hashlib.sha256(b"s").digest(), [old, new])
+    old_pub, new_pub = Identity(bytes(32), [old]).enc_public, Identity(bytes(32), [new]).enc_public
+    assert i.enc_public == new_pub
+    assert bytes(i.enc_private(crypto.key_id(old_pub))) == old
+    assert bytes(i.enc_private(crypto.key_id(new_pub))) == new
+    assert i.enc_private(b"\x00" * 8) is None
+
+
+def test_identity_refuses_bad_keys():
+    for args in ((bytes(31), [bytes(32)]), (bytes(33), [bytes(32)]), (bytes(32), [])):
+        with pytest.raises(InvalidKey):
+            Identity(*args)
+    a, b = Identity.generate(), Identity.generate()
+    assert a.node_id != b.node_id and a.enc_public != b.enc_public

@@ -1,0 +1,252 @@
+"""Every door authenticates: real nodes serving aiohttp on 127.0.0.1, attacked with raw requests."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+
+import aiohttp
+import pytest
+
+from conftest import PASSPHRASE
+from node import Node, wire
+from node.errors import AuthenticationFailed, InvalidEnvelope, PeerRefused
+from node.identity import Identity, parse_node_id
+from node.store import audit, records
+from node.transport import auth
+from node.transport.client import Peer
+
+
+async def make(tmp_path, name: str, serve: bool = True) -> Node:
+    await Node.init(tmp_path / name, PASSPHRASE, name=name, listen="127.0.0.1:0")
+    node = await Node.open_node(tmp_path / name, passphrase=PASSPHRASE)
+    if serve:
+        await node.serve("127.0.0.1:0")
+    return node
+
+
+@pytest.fixture
+async def nodes(tmp_path):
+    a, b = await make(tmp_path, "A"), await make(tmp_path, "B")
+    await a.add_contact(b.descriptor.signed)
+    await b.add_contact(a.descriptor.signed)
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+def url(node: Node, target: str) -> str:
+    return node.descriptor.addresses[0] + target
+
+
+async def signed(session, caller: Identity, callee: Node, method: str, target: str, body: bytes = b"",
+                 digest_of: bytes | None = None, now: int | None = None, nonce: bytes | None = None,
+                 callee_id: bytes | None = None):
+    headers = auth.sign_request(caller, method=method, target=target,
+                                callee=callee_id or parse_node_id(callee.node_id),
+                                body_digest=auth.digest(body if digest_of is None else digest_of),
+                                now_ms=now or auth.now_ms(), nonce=nonce or os.urandom(16))
+    async with session.request(method, url(callee, target), data=body, headers=headers) as resp:
+        return resp.status, await resp.read(), resp.headers
+
+
+async def sealed_record(a: Node, tmp_path, to: Node) -> tuple[str, bytes, bytes]:
+    """Seal a record at A for B without delivering it; return (id, head, body)."""
+    letter = tmp_path / "l.txt"
+    letter.write_text("hello")
+    res = await a.send_referral(to=to.config.name, patient="P Q", letter=letter, deliver=False)
+    row = await a.store.call(records.get_record, res.record_id)
+    return res.record_id, row["head"], a.blobs.path(res.record_id).read_bytes()
+
+
+async def test_descriptor_is_public_and_everything_else_needs_authentication(nodes):
+    a, b = nodes
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url(b, "/v1/descriptor")) as resp:
+            assert resp.status == 200
+            assert await resp.read() == b.descriptor.signed
+        for method, target in (("PUT", f"/v1/records/{'ab' * 16}?offset=0"),
+                               ("GET", f"/v1/records/{'ab' * 16}/status")):
+            async with s.request(method, url(b, target), data=b"\0\0\0\0") as resp:
+                assert resp.status == 401
+                assert "authentication" in wire.unpack(await resp.read())["error"]
+
+
+async def test_unknown_caller_replay_stale_and_forged_requests_are_refused(nodes):
+    a, b = nodes
+    stranger = Identity.generate()
+    target = f"/v1/records/{'cd' * 16}/status"
+    async with aiohttp.ClientSession() as s:
+        status, body, _ = await signed(s, stranger, b, "GET", target)
+        assert status == 401 and "unknown caller" in wire.unpack(body)["error"]
+
+        nonce = os.urandom(16)
+        status, body, headers = await signed(s, a.identity, b, "GET", target, nonce=nonce)
+        assert status == 200 and wire.unpack(body) == {"stored": False, "have": 0}
+        auth.verify_response(b.identity.sign_public, nonce=nonce, status=200, body=body, headers=headers)
+        status, body, _ = await signed(s, a.identity, b, "GET", target, nonce=nonce)
+        assert status == 401 and "replayed" in wire.unpack(body)["error"]
+
+        status, body, _ = await signed(s, a.identity, b, "GET", target, now=auth.now_ms() - 10 * 60 * 1000)
+        assert status == 401 and "minutes off" in wire.unpack(body)["error"]
+
+        # Signed for another callee (a request captured from A to C, replayed at B).
+        status, body, _ = await signed(s, a.identity, b, "GET", target, callee_id=os.urandom(20))
+        assert status == 401 and "does not verify" in wire.unpack(body)["error"]
+
+        # A path other than the one signed.
+        headers = auth.sign_request(a.identity, method="GET", target=target, callee=parse_node_id(b.node_id),
+                                    body_digest=auth.digest(b""), now_ms=auth.now_ms(), nonce=os.urandom(16))
+        async with s.get(url(b, f"/v1/records/{'ef' * 16}/status"), headers=headers) as resp:
+            assert resp.status == 401
+
+
+async def test_tampered_envelope_is_refused_logged_and_nothing_stored(nodes, tmp_path):
+    a, b = nodes
+    rid, head, body = await sealed_record(a, tmp_path, b)
+    flipped = bytearray(body)
+    flipped[len(body) // 2] ^= 1
+    target = f"/v1/records/{rid}?offset=0"
+    async with aiohttp.ClientSession() as s:
+        payload = len(head).to_bytes(4, "big") + head + bytes(flipped)
+        status, raw, _ = await signed(s, a.identity, b, "PUT", target, body=payload, digest_of=head)
+        assert status == 422 and wire.unpack(raw)["error"] == "invalid envelope"
+    assert not await b.store.call(records.has_record, rid)
+    assert not b.blobs.incoming_path(rid).exists()
+    events = await b.store.call(audit.entries)
+    assert events[0]["event"] == "refused" and events[0]["record"] == rid
+    # The server keeps serving, and the genuine record still goes through.
+    errors = await a.courier.deliver_record(rid)
+    assert errors == {}
+    assert await b.store.call(records.has_record, rid)
+
+
+async def test_malformed_and_oversized_heads_get_clear_statuses(nodes):
+    a, b = nodes
+    rid = "12" * 16
+    async with aiohttp.ClientSession() as s:
+        big = (1 << 20).to_bytes(4, "big")
+        status, raw, _ = await signed(s, a.identity, b, "PUT", f"/v1/records/{rid}?offset=0",
+                                      body=big + b"x" * 100, digest_of=b"")
+        assert status == 413
+        junk = b"\xc1not msgpack"
+        status, raw, _ = await signed(s, a.identity, b, "PUT", f"/v1/records/{rid}?offset=0",
+                                      body=len(junk).to_bytes(4, "big") + junk, digest_of=junk)
+        assert status == 400 and "malformed" in wire.unpack(raw)["error"]
+        status, raw, _ = await signed(s, a.identity, b, "PUT", f"/v1/records/{rid}?offset=-1", body=b"",
+                                      digest_of=b"")
+        assert status == 400
+        async with s.get(url(b, "/v1/descriptor")) as resp:
+            assert resp.status == 200
+
+
+async def test_only_the_sender_may_upload_its_record(tmp_path, nodes):
+    a, b = nodes
+    c = await make(tmp_path, "C")
+    try:
+        await b.add_contact(c.descriptor.signed)
+        await c.add_contact(b.descriptor.signed)
+        rid, head, body = await sealed_record(a, tmp_path, b)
+        async with aiohttp.ClientSession() as s:
+            payload = len(head).to_bytes(4, "big") + head + body
+            status, raw, _ = await signed(s, c.identity, b, "PUT", f"/v1/records/{rid}?offset=0", body=payload,
+                                          digest_of=head)
+        assert status == 422
+        assert not await b.store.call(records.has_record, rid)
+    finally:
+        await c.close()
+
+
+async def test_an_impostor_at_the_colleagues_address_is_detected(tmp_path, nodes):
+    a, b = nodes
+    rid, head, body = await sealed_record(a, tmp_path, b)
+    impostor = await make(tmp_path, "Impostor")
+    try:
+        await impostor.add_contact(a.descriptor.signed)
+        # A believes B lives at the impostor's address (e.g. a spoofed hint).
+        peer = Peer(b.node_id, b.identity.sign_public, impostor.descriptor.addresses)
+
+        async def read(off):
+            yield body[off:]
+        with pytest.raises((AuthenticationFailed, PeerRefused)):
+            await a.client.push_record(peer, rid, head, len(body), read)
+    finally:
+        await impostor.close()
+    assert not await b.store.call(records.has_record, rid)
+
+
+async def test_interrupted_upload_resumes_from_what_arrived(nodes, tmp_path):
+    a, b = nodes
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(6 << 20))
+    letter = tmp_path / "l.txt"
+    letter.write_text("x")
+    res = await a.send_referral(to="B", patient="P", letter=letter, attachments=[big], deliver=False)
+    rid = res.record_id
+    row = await a.store.call(records.get_record, rid)
+    head, body = row["head"], a.blobs.path(rid).read_bytes()
+    half = len(body) // 2
+
+    # Send half the body and drop the connection.
+    async def cut():
+        yield len(head).to_bytes(4, "big") + head
+        yield body[:half]
+        raise ConnectionResetError("cable pulled")
+    headers = auth.sign_request(a.identity, method="PUT", target=f"/v1/records/{rid}?offset=0",
+                                callee=parse_node_id(b.node_id), body_digest=auth.digest(head),
+                                now_ms=auth.now_ms(), nonce=os.urandom(16))
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(aiohttp.ClientError):
+            async with s.put(url(b, f"/v1/records/{rid}?offset=0"), data=cut(), headers=headers) as resp:
+                await resp.read()
+    for _ in range(50):
+        if b.blobs.incoming_path(rid).exists() and not b.receiver._busy:
+            break
+        await asyncio.sleep(0.05)
+    have = b.blobs.incoming_path(rid).stat().st_size
+    assert 0 < have <= half
+    assert not await b.store.call(records.has_record, rid)          # partial: never in the inbox
+
+    sent_from = []
+
+    async def reader(off):
+        sent_from.append(off)
+        yield body[off:]
+    peer = Peer(b.node_id, b.identity.sign_public, b.descriptor.addresses)
+    answer = await a.client.push_record(peer, rid, head, len(body), reader)
+    assert answer["status"] == "stored"
+    assert sent_from == [have]                                       # only the missing part was sent
+    assert await b.store.call(records.has_record, rid)
+    view = await b.read(rid)
+    assert view.manifest.attachments[0].size == 6 << 20
+    out = await b.export(rid, tmp_path / "out")
+    assert hashlib.sha256(out[0].read_bytes()).digest() == hashlib.sha256(big.read_bytes()).digest()
+
+
+async def test_duplicate_delivery_is_acknowledged_and_dropped(nodes, tmp_path):
+    a, b = nodes
+    rid, head, body = await sealed_record(a, tmp_path, b)
+    peer = Peer(b.node_id, b.identity.sign_public, b.descriptor.addresses)
+
+    async def read(off):
+        yield body[off:]
+    first = await a.client.push_record(peer, rid, head, len(body), read)
+    second = await a.client.push_record(peer, rid, head, len(body), read)
+    assert (first["status"], second["status"]) == ("stored", "duplicate")
+    assert len(await b.store.call(records.list_records, "in")) == 1
+
+
+async def test_record_not_for_this_node_is_refused(tmp_path, nodes):
+    a, b = nodes
+    c = await make(tmp_path, "C", serve=False)
+    try:
+        await a.add_contact(c.descriptor.signed)
+        rid, head, body = await sealed_record(a, tmp_path, c)     # sealed for C, pushed to B
+        async with aiohttp.ClientSession() as s:
+            payload = len(head).to_bytes(4, "big") + head + body
+            status, raw, _ = await signed(s, a.identity, b, "PUT", f"/v1/records/{rid}?offset=0", body=payload,
+                                          digest_of=head)
+        assert status == 422 and wire.unpack(raw)["error"] == str(InvalidEnvelope())
+    finally:
+        await c.close()
