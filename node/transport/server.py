@@ -55,7 +55,7 @@ class Handler(Protocol):
 
 HANDLER = web.AppKey("handler", Handler)
 GUARD = web.AppKey("guard", auth.ReplayGuard)
-_NONCE = web.RequestKey("nonce", bytes)
+_NONCE = web.RequestKey("nonce", bytes) if hasattr(web, "RequestKey") else "cabinet.nonce"
 
 STATUS = [
     (AuthenticationFailed, 401), (TooLarge, 413), (NotFound, 404), (RemoteProtocolError, 400),
