@@ -25,6 +25,8 @@ SEALED_KEY_SIZE = 32 + B.crypto_box_SEALBYTES
 
 
 def _domain(domain: str, message: bytes) -> bytes:
+    if "\0" in domain:
+        raise ValueError("a signature domain must not contain NUL")
     return b"cabinet/" + domain.encode("ascii") + b"\0" + message
 
 

@@ -1,8 +1,9 @@
 """The envelope: one record (referral, reply) on the wire and at rest.
 
 Pure functions over bytes: randomness and time come in as arguments, so the
-known-answer vectors in docs/envelope.md are reproducible. The format is
-specified in docs/envelope.md; this module and that file change together.
+known-answer vectors (tests/vectors/envelope-v1.json, written by
+scripts/gen_vectors.py) are reproducible. The format is specified in
+docs/envelope.md; this module and that file change together.
 
     head  = canonical msgpack {"h": header bytes, "sig": Ed25519 signature}
     body  = secretstream(XChaCha20-Poly1305) chunks of the plaintext below
@@ -16,6 +17,7 @@ which is always one of them) can read any of it.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -36,7 +38,8 @@ MAX_RECIPIENTS = 32
 MAX_MANIFEST = 8 * 1024 * 1024
 MAX_ATTACHMENTS = 100
 MAX_ATTACHMENT = 4 * 1024**3                        # 4 GiB each
-MAX_BODY = 16 * 1024**3 + 1024**3                   # ciphertext bound implied by the above
+MAX_RECORD = 16 * 1024**3                           # all attachments of one record together
+MAX_NAME = 255
 TAG_MESSAGE = B.crypto_secretstream_xchacha20poly1305_TAG_MESSAGE
 TAG_FINAL = B.crypto_secretstream_xchacha20poly1305_TAG_FINAL
 
@@ -46,6 +49,21 @@ Rng = Callable[[int], bytes]
 def ciphertext_size(plaintext_size: int) -> int:
     chunks = max(1, -(-plaintext_size // CHUNK))
     return plaintext_size + chunks * ABYTES
+
+
+MAX_BODY = ciphertext_size(4 + MAX_MANIFEST + MAX_RECORD)
+
+
+def chunk_ad(record_id: bytes, sender: bytes) -> bytes:
+    """Associated data of every chunk: binds the body to this record *and this sender*,
+    so nobody can re-sign someone else's envelope as their own."""
+    return b"cabinet/chunk\0" + record_id + sender
+
+
+def key_commitment(content_key: bytes) -> bytes:
+    """XChaCha20-Poly1305 does not commit to its key; this does, so a sender cannot
+    give different recipients different keys (and contents) under one signature."""
+    return hashlib.sha256(b"cabinet/key-commitment\0" + content_key).digest()
 
 
 # --- header ----------------------------------------------------------------
@@ -87,6 +105,7 @@ class Header:
     body_size: int                # ciphertext bytes
     stream_header: bytes          # secretstream header, 24 bytes
     body_sha256: bytes            # SHA-256 of the whole ciphertext
+    key_commit: bytes             # key_commitment(content key)
 
     @property
     def id_hex(self) -> str:
@@ -106,15 +125,17 @@ class Header:
             "sk": self.sender_key, "created": self.created, "thread": self.thread,
             "reply_to": self.reply_to, "to": [s.to_wire() for s in self.slots],
             "body": {"size": self.body_size, "chunk": CHUNK, "ss": self.stream_header,
-                     "sha256": self.body_sha256},
+                     "sha256": self.body_sha256, "kc": self.key_commit},
         })
 
     @classmethod
     def from_wire(cls, raw: bytes) -> "Header":
         what = "envelope header"
         h = wire.unpack(raw, max_size=MAX_HEAD, what=what)
-        if not isinstance(h, dict) or h.get("v") != VERSION:
-            raise RemoteProtocolError(f"{what}: unknown format version {h.get('v') if isinstance(h, dict) else '?'}")
+        version = wire.field(h, "v", int, what=what)
+        if version != VERSION:
+            shown = version if 0 <= version < 1000 else "?"
+            raise RemoteProtocolError(f"{what}: unknown format version {shown} (this node reads version {VERSION})")
         wire.only_fields(h, {"v", "id", "kind", "from", "sk", "created", "thread", "reply_to", "to", "body"},
                          what=what)
         kind = wire.field(h, "kind", str, what=what)
@@ -126,8 +147,13 @@ class Header:
         slots = tuple(Slot.from_wire(s) for s in slots_raw)
         if len({s.to for s in slots}) != len(slots):
             raise RemoteProtocolError(f"{what}: a recipient appears twice")
+        if "reply_to" not in h:
+            raise RemoteProtocolError(f"{what}: missing field 'reply_to'")
+        sender = wire.field(h, "from", bytes, what=what, size=ID_BYTES)
+        if sender not in {s.to for s in slots}:
+            raise RemoteProtocolError(f"{what}: the sender must be one of the recipients")
         body = wire.field(h, "body", dict, what=what)
-        wire.only_fields(body, {"size", "chunk", "ss", "sha256"}, what=what)
+        wire.only_fields(body, {"size", "chunk", "ss", "sha256", "kc"}, what=what)
         if wire.field(body, "chunk", int, what=what) != CHUNK:
             raise RemoteProtocolError(f"{what}: unsupported chunk size")
         size = wire.field(body, "size", int, what=what)
@@ -137,13 +163,13 @@ class Header:
         if created < 0:
             raise RemoteProtocolError(f"{what}: negative time")
         return cls(
-            record_id=wire.field(h, "id", bytes, what=what, size=16), kind=kind,
-            sender=wire.field(h, "from", bytes, what=what, size=ID_BYTES),
+            record_id=wire.field(h, "id", bytes, what=what, size=16), kind=kind, sender=sender,
             sender_key=wire.field(h, "sk", bytes, what=what, size=32), created=created,
             thread=wire.field(h, "thread", bytes, what=what, size=16),
             reply_to=wire.field(h, "reply_to", bytes, what=what, size=16, optional=True),
             slots=slots, body_size=size, stream_header=wire.field(body, "ss", bytes, what=what, size=24),
             body_sha256=wire.field(body, "sha256", bytes, what=what, size=32),
+            key_commit=wire.field(body, "kc", bytes, what=what, size=32),
         )
 
 
@@ -182,7 +208,10 @@ class Head:
                 private = identity.enc_private(slot.kid)
                 if private is None:
                     raise InvalidEnvelope()
-                return crypto.open_sealed_key(private, slot.key)
+                key = crypto.open_sealed_key(private, slot.key)
+                if not hmac.compare_digest(key_commitment(key), self.header.key_commit):
+                    raise InvalidEnvelope()
+                return key
         raise InvalidEnvelope()
 
 
@@ -214,6 +243,15 @@ class Manifest:
     attachments: tuple[Attachment, ...] = ()
 
     def to_wire(self) -> bytes:
+        if len(self.attachments) > MAX_ATTACHMENTS:
+            raise TooLarge(f"at most {MAX_ATTACHMENTS} attachments per record")
+        if sum(a.size for a in self.attachments) > MAX_RECORD:
+            raise TooLarge(f"attachments together are over the {MAX_RECORD // 1024**3} GiB limit")
+        for a in self.attachments:
+            if not 0 <= a.size <= MAX_ATTACHMENT:
+                raise TooLarge(f"attachment {a.name[:40]} is over the {MAX_ATTACHMENT // 1024**3} GiB limit")
+            if len(a.name) > MAX_NAME or len(a.type) > MAX_NAME:
+                raise LocalProtocolError("attachment name or type over 255 characters")
         raw = wire.pack({
             "patient": self.patient, "born": self.born, "subject": self.subject, "letter": self.letter,
             "data": self.data,
@@ -232,6 +270,8 @@ class Manifest:
         atts = wire.field(m, "att", list, what=what)
         if len(atts) > MAX_ATTACHMENTS:
             raise RemoteProtocolError(f"{what}: too many attachments")
+        if sum(a.get("size", 0) for a in atts if isinstance(a, dict) and isinstance(a.get("size"), int)) > MAX_RECORD:
+            raise RemoteProtocolError(f"{what}: attachments over the record size limit")
         parsed = []
         for a in atts:
             wire.only_fields(a if isinstance(a, dict) else {}, {"name", "size", "type"}, what=what)
@@ -295,24 +335,31 @@ class Sealer:
         if len({r.node_id for r in everyone}) != len(everyone) or len(everyone) > MAX_RECIPIENTS:
             raise LocalProtocolError("recipients must be distinct and at most 32")
         self.record_id = record_id or rng(16)
+        thread = thread or self.record_id
+        if len(self.record_id) != 16 or len(thread) != 16 or (reply_to is not None and len(reply_to) != 16):
+            raise LocalProtocolError("record, thread and reply-to IDs are 16 bytes")
+        if created < 0:
+            raise LocalProtocolError("negative creation time")
         self._sender, self._kind, self._created = sender, kind, created
-        self._thread, self._reply_to = thread or self.record_id, reply_to
+        self._thread, self._reply_to = thread, reply_to
         key = rng(32)
+        self._key_commit = key_commitment(key)
         self._slots = tuple(seal_slot(r, key, rng) for r in everyone)
         self._ss_header = rng(24)
         self._state = _stream_state(key, self._ss_header)
         self._pending = b""
-        self._ad = self.record_id
+        self._ad = chunk_ad(self.record_id, me.node_id)
 
     def push(self, data: bytes) -> list[bytes]:
         """Add plaintext; return the ciphertext chunks that are now complete."""
-        buf = self._pending + data
-        out = []
+        buf = memoryview(self._pending + data if self._pending else data)
+        out, pos = [], 0
         # Keep at least one byte back: the last chunk must carry the FINAL tag.
-        while len(buf) > CHUNK:
-            out.append(B.crypto_secretstream_xchacha20poly1305_push(self._state, buf[:CHUNK], self._ad, TAG_MESSAGE))
-            buf = buf[CHUNK:]
-        self._pending = buf
+        while len(buf) - pos > CHUNK:
+            out.append(B.crypto_secretstream_xchacha20poly1305_push(
+                self._state, bytes(buf[pos:pos + CHUNK]), self._ad, TAG_MESSAGE))
+            pos += CHUNK
+        self._pending = bytes(buf[pos:])
         return out
 
     def finish(self) -> bytes:
@@ -322,10 +369,12 @@ class Sealer:
         return last
 
     def head(self, *, body_size: int, body_sha256: bytes) -> bytes:
+        if body_size > MAX_BODY:
+            raise TooLarge("record over the size limit")
         header = Header(record_id=self.record_id, kind=self._kind, sender=node_id_bytes(self._sender.sign_public),
                         sender_key=self._sender.sign_public, created=self._created, thread=self._thread,
                         reply_to=self._reply_to, slots=self._slots, body_size=body_size,
-                        stream_header=self._ss_header, body_sha256=body_sha256)
+                        stream_header=self._ss_header, body_sha256=body_sha256, key_commit=self._key_commit)
         hraw = header.to_wire()
         return wire.pack({"h": hraw, "sig": self._sender.sign("envelope", hraw)})
 
@@ -354,17 +403,17 @@ class Decryptor:
 
     def __init__(self, header: Header, content_key: bytes) -> None:
         self._state = _stream_state(content_key, header.stream_header)
-        self._ad = header.record_id
+        self._ad = chunk_ad(header.record_id, header.sender)
         self._buf = b""
         self._done = False
 
     def feed(self, data: bytes) -> list[bytes]:
-        buf = self._buf + data
-        out = []
-        while len(buf) >= CT_CHUNK:
-            out.append(self._pull(buf[:CT_CHUNK]))
-            buf = buf[CT_CHUNK:]
-        self._buf = buf
+        buf = memoryview(self._buf + data if self._buf else data)
+        out, pos = [], 0
+        while len(buf) - pos >= CT_CHUNK:
+            out.append(self._pull(bytes(buf[pos:pos + CT_CHUNK])))
+            pos += CT_CHUNK
+        self._buf = bytes(buf[pos:])
         return out
 
     def finish(self) -> bytes:
@@ -404,7 +453,10 @@ class BodyParser:
     _left: int = 0
     _sizes: list[int] = field(default_factory=list)
 
-    def feed(self, data: bytes) -> Iterator[tuple[int, bytes]]:
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        return list(self._feed(data))
+
+    def _feed(self, data: bytes) -> Iterator[tuple[int, bytes]]:
         if self.manifest is None:
             self._buf += data
             if self._need < 0 and len(self._buf) >= 4:

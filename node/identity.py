@@ -53,7 +53,10 @@ def format_node_id(raw: bytes) -> str:
 
 def parse_node_id(text: str) -> bytes:
     """Parse a typed node ID (dashes and spaces ignored, any case); check the check character."""
-    compact = "".join(ch for ch in str(text).upper() if ch not in " -\t")
+    text = str(text)
+    if not text.isascii():
+        raise UsageError("not a node ID (expected 33 letters and digits 2-7, in groups)")
+    compact = "".join(ch for ch in text.upper() if ch not in " -\t")
     if len(compact) != 33 or any(ch not in _ALPHABET for ch in compact):
         raise UsageError("not a node ID (expected 33 letters and digits 2-7, in groups)")
     body, check = compact[:32], compact[32]

@@ -98,7 +98,9 @@ def field(obj: Any, name: str, kind: type | tuple[type, ...], *, what: str, opti
     return value
 
 
-def only_fields(obj: dict, allowed: set[str], *, what: str) -> None:
+def only_fields(obj: object, allowed: set[str], *, what: str) -> None:
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError(f"{what}: expected a map")
     extra = set(obj) - allowed
     if extra:
         raise RemoteProtocolError(f"{what}: unknown field(s) {sorted(extra)}")

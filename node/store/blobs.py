@@ -181,8 +181,7 @@ class Inbound:
             raise InvalidEnvelope()
         self._hash.update(data)
         for plain in self._dec.feed(data):
-            for _ in self._parser.feed(plain):
-                pass
+            self._parser.feed(plain)
 
     def write(self, data: bytes) -> None:
         self._absorb(data)
@@ -206,8 +205,7 @@ class Inbound:
             self._fh.close()
         if not self.complete or self._hash.digest() != self.header.body_sha256:
             raise InvalidEnvelope()
-        for _ in self._parser.feed(self._dec.finish()):
-            pass
+        self._parser.feed(self._dec.finish())
         return self._parser.finish()
 
     def close(self) -> None:
@@ -219,12 +217,10 @@ def read_manifest(blobs: BlobStore, record_id: str, header: Header, content_key:
     dec, parser = Decryptor(header, content_key), BodyParser()
     for piece in blobs.iter_body(record_id):
         for plain in dec.feed(piece):
-            for _ in parser.feed(plain):
-                pass
+            parser.feed(plain)
             if parser.manifest is not None:
                 return parser.manifest
-    for _ in parser.feed(dec.finish()):
-        pass
+    parser.feed(dec.finish())
     return parser.finish()
 
 
