@@ -60,7 +60,7 @@ def setup_logging(folder: Path | None, verbose: bool) -> None:
         h = logging.StreamHandler(sys.stderr)
         h.setFormatter(fmt)
         root.addHandler(h)
-    if folder is not None and folder.is_dir():
+    if folder is not None and (folder / "keys.cabinet").is_file():
         fd = os.open(folder / "node.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         fh = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8"))
         fh.setFormatter(fmt)

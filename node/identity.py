@@ -131,7 +131,10 @@ class Descriptor:
         sk = wire.field(body, "sk", bytes, what=what, size=32)
         if wire.field(body, "id", bytes, what=what, size=ID_BYTES) != node_id_bytes(sk):
             raise InvalidSignature("descriptor: node ID does not match its key")
-        crypto.verify(sk, "descriptor", body_raw, sig)
+        try:
+            crypto.verify(sk, "descriptor", body_raw, sig)
+        except InvalidSignature:
+            raise InvalidSignature("descriptor: signature does not verify (altered or damaged)") from None
         ek = crypto.check_x25519_public(wire.field(body, "ek", bytes, what=what, size=32))
         addrs = wire.field(body, "addrs", list, what=what)
         if len(addrs) > 16 or not all(isinstance(a, str) and len(a) <= 256 for a in addrs):

