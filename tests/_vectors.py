@@ -79,7 +79,9 @@ def manifest_of(c: dict) -> envelope.Manifest:
 
 
 def attachments_of(c: dict) -> list[bytes]:
-    return [bytes.fromhex(a) for a in c["attachments"]]
+    """Each attachment's contents: `size` bytes of the counter rng over its seed (docs/envelope.md)."""
+    return [counter_rng(bytes.fromhex(seed))(a["size"])
+            for seed, a in zip(c["attachment_seeds"], c["manifest"]["attachments"], strict=True)]
 
 
 def _opt_hex(value: str | None) -> bytes | None:
@@ -97,8 +99,22 @@ def seal_case(c: dict) -> tuple[bytes, bytes]:
 
 
 def expected(c: dict) -> tuple[bytes, bytes]:
+    """The expected head and body of a case.
+
+    A large body is not in the file, only its SHA-256 (and each chunk's): it is
+    sealed again from the case's inputs and must hash to the committed value.
+    """
     e = c["expected"]
-    return bytes.fromhex(e["head"]), bytes.fromhex(e["body"])
+    return bytes.fromhex(e["head"]), (bytes.fromhex(e["body"]) if e["body"] is not None else _resealed_body(c["name"]))
+
+
+@lru_cache(maxsize=None)
+def _resealed_body(name: str) -> bytes:
+    c = case(name)
+    body = seal_case(c)[1]
+    if hashlib.sha256(body).hexdigest() != c["expected"]["body_sha256"]:
+        raise AssertionError(f"{name}: the code no longer seals the committed body (SHA-256 differs)")
+    return body
 
 
 # --- forging heads, as a buggy or hostile sender would -------------------

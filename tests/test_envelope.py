@@ -19,9 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from node import envelope, wire
-from node.envelope import CHUNK, CT_CHUNK, ABYTES, Attachment, BodyParser, Decryptor, Head, Manifest
-from node.errors import CabinetError, InvalidEnvelope, RemoteProtocolError
+from node import crypto, envelope, wire
+from node.envelope import ABYTES, CHUNK, CT_CHUNK, Attachment, BodyParser, Decryptor, Head, Manifest
+from node.errors import CabinetError, InvalidEnvelope, LocalProtocolError, RemoteProtocolError, TooLarge
 from node.identity import Identity, node_id_bytes
 
 try:
@@ -54,7 +54,7 @@ def vouched(head: bytes, body: bytes, signer: Identity) -> bytes:
     """A head re-signed by the real sender so that size and SHA-256 match `body`.
 
     This is what a buggy or hostile sender could produce: only the stream layer
-    (tags, FINAL, the record ID as associated data) stands between it and the reader.
+    (tags, FINAL, the record ID and sender as associated data) stands between it and the reader.
     """
     header, _ = split_head(head)
     header["body"]["size"] = len(body)
@@ -76,6 +76,9 @@ def test_vector_regenerates_byte_for_byte(name):
     assert len(body) == e["body_size"] == envelope.ciphertext_size(e["plaintext_size"])
     assert manifest_of(c).plaintext_size == e["plaintext_size"]
     assert manifest_of(c).to_wire().hex() == e["manifest_wire"]
+    assert [hashlib.sha256(ch).hexdigest() for ch in _chunks(body)] == e["chunk_sha256"]
+    assert len(e["chunk_sha256"]) == e["chunks"]
+    assert [hashlib.sha256(a).hexdigest() for a in attachments_of(c)] == c["attachment_sha256"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -92,6 +95,17 @@ def test_vector_intermediate_values(name):
     assert rng(24).hex() == e["stream_header"]
     outer = wire.unpack(bytes.fromhex(e["head"]))
     assert outer == {"h": bytes.fromhex(e["header"]), "sig": bytes.fromhex(e["signature"])}
+    # the key commitment and the chunks' associated data, as docs/envelope.md defines them
+    key = bytes.fromhex(e["content_key"])
+    kc = hashlib.sha256(b"cabinet/key-commitment\0" + key).digest()
+    assert kc.hex() == e["key_commitment"] == envelope.key_commitment(key).hex()
+    header = wire.unpack(outer["h"])
+    assert header["body"]["kc"] == kc
+    record_id, sender = bytes.fromhex(e["record_id"]), header["from"]
+    assert sender == node_id_bytes(identity(c["sender"]).sign_public)
+    ad = b"cabinet/chunk\0" + record_id + sender
+    assert ad.hex() == e["chunk_ad"] == envelope.chunk_ad(record_id, sender).hex()
+    assert len(ad) == 14 + 16 + 20
     signer = identity(c["sender"])
     assert signer.sign("envelope", outer["h"]).hex() == e["signature"]
 
@@ -128,10 +142,24 @@ def test_vectors_file_is_what_the_generator_writes():
     assert json.loads(gen.render(gen.build())) == envelope_vectors()
 
 
+def test_vector_identities():
+    for name, spec in envelope_vectors()["identities"].items():
+        ident = identity(name)
+        assert ident.sign_public.hex() == spec["sign_public"]
+        assert ident.node_id == spec["node_id"]
+        assert ident.enc_public.hex() == spec["enc_public"]
+        assert crypto.key_id(ident.enc_public).hex() == spec["enc_key_id"]
+
+
 def test_vector_shapes():
     """The cases cover what they claim to cover."""
     two = case("referral-exact-two-chunks")["expected"]
     assert two["plaintext_size"] == 2 * CHUNK and two["body_size"] == 2 * CT_CHUNK and two["chunks"] == 2
+    # only that body is left out of the file (it is regenerated and checked against its hashes)
+    assert [c["name"] for c in envelope_vectors()["cases"] if c["expected"]["body"] is None] == [
+        "referral-exact-two-chunks"]
+    assert len(expected(case("referral-exact-two-chunks"))[1]) == 2 * CT_CHUNK
+    assert (REPO / "tests" / "vectors" / "envelope-v1.json").stat().st_size < 100_000
     assert len(case("referral-two-recipients-attachments")["recipients"]) == 2
     assert 0 in [a["size"] for a in case("referral-two-recipients-attachments")["manifest"]["attachments"]]
     reply, first = case("reply"), case("referral-one-recipient")
@@ -184,11 +212,14 @@ def test_spec_tables_match_the_code():
     assert _doc_table_keys(doc, "### Header fields") == list(header)
     assert _doc_table_keys(doc, "`body` map:") == list(header["body"])
     assert _doc_table_keys(doc, "Key slot (each element") == list(header["to"][0])
-    assert _doc_table_keys(doc, "- `manifest` is canonical msgpack") == list(wire.unpack(manifest_of(case("reply")).to_wire()))
+    manifest = wire.unpack(manifest_of(case("reply")).to_wire())
+    assert _doc_table_keys(doc, "- `manifest` is canonical msgpack") == list(manifest)
     section = doc[doc.index("## Limits"):doc.index("## Versioning")]
     rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| `")]
     units = {"bytes": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "": 1}
-    assert len(rows) == 7
+    assert len(rows) == 9
+    limits = {name for name in vars(envelope) if name.startswith("MAX_")} | {"CHUNK"}
+    assert {name.strip().strip("`") for name, _ in rows} == limits
     for name, value in rows:
         number, unit = re.match(r"\s*(\d[\d ]*\d|\d)\s*(bytes|KiB|MiB|GiB|)", value).group(1, 2)
         assert int(number.replace(" ", "")) * units[unit] == getattr(envelope, name.strip().strip("`")), name
@@ -247,13 +278,26 @@ def test_every_header_field_is_covered_by_the_signature(name):
 
 # What each field does once the signature is valid again (a buggy or hostile sender):
 # "open" means only the signature protects it, the record still opens with the new value.
+# Slot fields are keyed by whose slot it is: the sender's (whose `to` must stay among the
+# recipients) or another reader's. A slot change refused with InvalidEnvelope hits only the
+# reader of that slot; the others still open the record.
 RESIGNED = {
     ("v",): RemoteProtocolError, ("id",): InvalidEnvelope, ("kind",): RemoteProtocolError,
-    ("from",): InvalidEnvelope, ("sk",): InvalidEnvelope, ("created",): "open", ("thread",): "open",
+    ("from",): RemoteProtocolError,                 # no longer among the recipients
+    ("sk",): InvalidEnvelope, ("created",): "open", ("thread",): "open",
     ("reply_to",): "open", ("body", "size"): BAD, ("body", "chunk"): RemoteProtocolError,
-    ("body", "ss"): InvalidEnvelope, ("body", "sha256"): InvalidEnvelope,
-    ("to", "to"): InvalidEnvelope, ("to", "kid"): InvalidEnvelope, ("to", "key"): InvalidEnvelope,
+    ("body", "kc"): InvalidEnvelope, ("body", "ss"): InvalidEnvelope, ("body", "sha256"): InvalidEnvelope,
+    ("to", "sender's", "to"): RemoteProtocolError,  # the sender is then not among the recipients
+    ("to", "sender's", "kid"): InvalidEnvelope, ("to", "sender's", "key"): InvalidEnvelope,
+    ("to", "reader's", "to"): InvalidEnvelope, ("to", "reader's", "kid"): InvalidEnvelope,
+    ("to", "reader's", "key"): InvalidEnvelope,
 }
+
+
+def _resigned_key(header: dict, path: tuple) -> tuple:
+    if path[0] != "to":
+        return path
+    return ("to", "sender's" if header["to"][path[1]]["to"] == header["from"] else "reader's", path[2])
 
 
 def test_each_header_field_matters_after_resigning():
@@ -261,18 +305,25 @@ def test_each_header_field_matters_after_resigning():
     head, body = expected(c)
     header, _ = split_head(head)
     sender = identity(c["sender"])
-    for path in _header_paths(header):
-        outcome = RESIGNED[path if path[0] != "to" else ("to", path[2])]
-        readers_hit = readers(c) if path[0] != "to" else [readers(c)[path[1]]]
+    paths = _header_paths(header)
+    assert {_resigned_key(header, p) for p in paths} == set(RESIGNED)
+    for path in paths:
+        outcome = RESIGNED[_resigned_key(header, path)]
+        hit, spared = readers(c), []
+        if path[0] == "to" and outcome is InvalidEnvelope:
+            hit = [readers(c)[path[1]]]
+            spared = [who for who in readers(c) if who not in hit]
         for value in _flipped(_get(header, path)):
             forged = make_head(_set(header, path, value), signer=sender)
-            for who in readers_hit:
+            for who in hit:
                 if outcome == "open":
                     h, m, _ = envelope.open_bytes(forged, body, identity(who))
                     assert _get({"created": h.created, "thread": h.thread, "reply_to": h.reply_to}, path) == value
                 else:
                     with pytest.raises(outcome):
                         envelope.open_bytes(forged, body, identity(who))
+            for who in spared:
+                assert envelope.open_bytes(forged, body, identity(who))[1] == manifest_of(c)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -322,14 +373,37 @@ def test_unknown_version_is_refused_clearly():
     c = case("referral-one-recipient")
     head, body = expected(c)
     header, _ = split_head(head)
-    for version in (0, 2, 255):
+    for version, shown in [(0, "0"), (2, "2"), (255, "255"), (999, "999"),
+                           (1000, "?"), (2**64 - 1, "?"), (-1, "?"), (-(2**63), "?")]:
         header["v"] = version
         forged = make_head(header, signer=identity("gp"))
-        with pytest.raises(RemoteProtocolError, match=f"unknown format version {version}"):
+        with pytest.raises(RemoteProtocolError) as info:
             envelope.open_bytes(forged, body, identity("cardiologist"))
-    del header["v"]
-    with pytest.raises(RemoteProtocolError, match="unknown format version"):
-        Head.from_wire(make_head(header, signer=identity("gp")))
+        assert str(info.value) == (f"envelope header: unknown format version {shown} "
+                                   f"(this node reads version {envelope.VERSION})")
+    # anything but an int is a malformed head; the peer's value is never echoed
+    for version in ("1", "two\nlines", b"\x01", [1], {"v": 1}, True, False):
+        header["v"] = version
+        with pytest.raises(RemoteProtocolError) as info:
+            Head.from_wire(make_head(header, signer=identity("gp")))
+        assert str(info.value) == "envelope header: field 'v' has the wrong type"
+    for version in (None, "missing"):
+        if version is None:
+            header["v"] = None
+        else:
+            del header["v"]
+        with pytest.raises(RemoteProtocolError) as info:
+            Head.from_wire(make_head(header, signer=identity("gp")))
+        assert str(info.value) == "envelope header: missing field 'v'"
+
+
+def test_boolean_version_is_refused():
+    """`true == 1` in Python: the version is read as a strict int."""
+    head, body = expected(case("referral-one-recipient"))
+    header, _ = split_head(head)
+    header["v"] = True
+    with pytest.raises(RemoteProtocolError, match="field 'v' has the wrong type"):
+        envelope.open_bytes(make_head(header, signer=identity("gp")), body, identity("cardiologist"))
 
 
 def test_unknown_version_is_not_believed_before_the_signature():
@@ -376,10 +450,45 @@ def test_resigned_header_checks():
     refused(lambda h: h.update(id=b"\x00" * 15))
     refused(lambda h: h.update(reply_to="text"))
     refused(lambda h: h.update(kind="receipt"))
-    for size in (0, ABYTES, CT_CHUNK + 1, CT_CHUNK + ABYTES, envelope.MAX_BODY + CT_CHUNK):
+    refused(lambda h: h["body"].update(kc=h["body"]["kc"][:31]))
+    refused(lambda h: h["body"].update(kc=None))
+    for size in (0, ABYTES, CT_CHUNK + 1, CT_CHUNK + ABYTES, envelope.MAX_BODY + 1, envelope.MAX_BODY + CT_CHUNK):
         refused(lambda h: h["body"].update(size=size))
-    for missing in ("id", "kind", "from", "created", "thread", "to", "body"):
+    for missing in ("v", "id", "kind", "from", "sk", "created", "thread", "reply_to", "to", "body"):
         refused(lambda h: h.pop(missing))
+    for missing in ("size", "chunk", "ss", "sha256", "kc"):
+        refused(lambda h: h["body"].pop(missing))
+    # the largest possible body passes the header checks (and then fails on the hash, as it should)
+    refused(lambda h: h["body"].update(size=envelope.MAX_BODY), InvalidEnvelope)
+
+
+def test_reply_to_must_be_present_even_when_nil():
+    """One encoding per header: `reply_to: nil` is the only way to say "answers nothing"."""
+    c = case("referral-one-recipient")
+    head, body = expected(c)
+    header, _ = split_head(head)
+    assert "reply_to" in header and header["reply_to"] is None
+    gp, card = identity("gp"), identity("cardiologist")
+    assert envelope.open_bytes(make_head(header, signer=gp), body, card)[0].reply_to is None
+    del header["reply_to"]
+    with pytest.raises(RemoteProtocolError, match="missing field 'reply_to'"):
+        envelope.open_bytes(make_head(header, signer=gp), body, card)
+
+
+def test_sender_must_be_among_the_recipients():
+    c = case("referral-two-recipients-attachments")
+    head, body = expected(c)
+    header, _ = split_head(head)
+    gp = identity("gp")
+    assert header["to"][0]["to"] == header["from"]           # the sealer puts the sender first
+    without = dict(header, to=header["to"][1:])
+    for who in readers(c):
+        with pytest.raises(RemoteProtocolError, match="the sender must be one of the recipients"):
+            envelope.open_bytes(make_head(without, signer=gp), body, identity(who))
+    # a reader requires only that the sender is among them, not where
+    moved = dict(header, to=header["to"][1:] + header["to"][:1])
+    for who in readers(c):
+        assert envelope.open_bytes(make_head(moved, signer=gp), body, identity(who))[1] == manifest_of(c)
 
 
 def test_recipient_whose_key_id_does_not_match():
@@ -539,8 +648,26 @@ def test_sealer_holds_back_the_final_chunk():
     state = B.crypto_secretstream_xchacha20poly1305_state()
     B.crypto_secretstream_xchacha20poly1305_init_pull(state, h.header.stream_header,
                                                       h.content_key(identity("gp")))
-    tags = [B.crypto_secretstream_xchacha20poly1305_pull(state, ch, h.header.record_id)[1] for ch in _chunks(body)]
+    ad = envelope.chunk_ad(h.header.record_id, h.header.sender)
+    tags = [B.crypto_secretstream_xchacha20poly1305_pull(state, ch, ad)[1] for ch in _chunks(body)]
     assert tags == [envelope.TAG_MESSAGE, envelope.TAG_FINAL]
+
+
+def test_chunks_are_bound_to_the_sender():
+    """The associated data is b"cabinet/chunk\\0" + id + from: the record ID alone does not open it."""
+    head, body = expected(case("referral-one-recipient"))
+    h = Head.from_wire(head)
+    key = h.content_key(identity("cardiologist"))
+    for ad, opens in [(envelope.chunk_ad(h.header.record_id, h.header.sender), True), (h.header.record_id, False),
+                      (envelope.chunk_ad(h.header.record_id, node_id_bytes(identity("outsider").sign_public)), False),
+                      (b"cabinet/chunk\0" + h.header.record_id, False)]:
+        state = B.crypto_secretstream_xchacha20poly1305_state()
+        B.crypto_secretstream_xchacha20poly1305_init_pull(state, h.header.stream_header, key)
+        if opens:
+            assert B.crypto_secretstream_xchacha20poly1305_pull(state, body, ad)[1] == envelope.TAG_FINAL
+        else:
+            with pytest.raises(Exception):
+                B.crypto_secretstream_xchacha20poly1305_pull(state, body, ad)
 
 
 # --- the body parser -------------------------------------------------------
@@ -579,7 +706,8 @@ def test_parser_manifest_fed_byte_by_byte_yields_nothing_until_complete():
     for i in range(cut):
         assert list(parser.feed(plain[i:i + 1])) == []
         assert parser.manifest is None if i < cut - 1 else parser.manifest == m
-    assert [list(parser.feed(plain[i:i + 1])) for i in range(cut, len(plain))] == [[(0, b"a")], [(0, b"b")], [(0, b"c")]]
+    rest = [list(parser.feed(plain[i:i + 1])) for i in range(cut, len(plain))]
+    assert rest == [[(0, b"a")], [(0, b"b")], [(0, b"c")]]
     assert parser.finish() == m
 
 
@@ -684,23 +812,150 @@ def test_arbitrary_head_bytes_only_raise_project_errors(raw):
         Head.from_wire(raw)
 
 
-# --- known bugs, kept as strict expected failures (see docs/envelope.md "Open issues") ---
+# --- who sent it, and one key for everyone ---------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="Header.from_wire compares v == 1, and True == 1 in Python")
-def test_boolean_version_is_refused():
-    head, body = expected(case("referral-one-recipient"))
-    header, _ = split_head(head)
-    header["v"] = True
-    with pytest.raises(RemoteProtocolError):
-        envelope.open_bytes(make_head(header, signer=identity("gp")), body, identity("cardiologist"))
-
-
-@pytest.mark.xfail(strict=True, reason="slots and stream are not bound to the sender: anyone can re-sign")
 def test_a_third_party_cannot_re_sign_a_record_as_its_own():
-    head, body = expected(case("referral-one-recipient"))
+    """Mallory holds a head and body she cannot read, and wants them to come from her."""
+    c = case("referral-one-recipient")
+    head, body = expected(c)
     header, _ = split_head(head)
+    card = identity("cardiologist")
     mallory = identity("outsider")
     header["sk"] = mallory.sign_public
     header["from"] = node_id_bytes(mallory.sign_public)
+    # just her name on it: she is not among the recipients
+    with pytest.raises(RemoteProtocolError, match="the sender must be one of the recipients"):
+        envelope.open_bytes(make_head(header, signer=mallory), body, card)
+    # with a slot of her own, in place of the GP's or beside it (she cannot open the GP's,
+    # so she seals a key of her choosing): the signature, the cardiologist's slot and the key
+    # commitment all pass, and the stream, bound to the GP, refuses
+    hers = envelope.seal_slot(recipient_of(mallory), bytes(32), counter_rng(b"mallory")).to_wire()
+    for slots in ([hers, header["to"][1]], [hers, *header["to"]], [*header["to"], hers]):
+        forged = make_head(dict(header, to=slots), signer=mallory)
+        h = Head.from_wire(forged)
+        assert h.header.sender == node_id_bytes(mallory.sign_public)
+        assert h.content_key(card).hex() == c["expected"]["content_key"]
+        with pytest.raises(InvalidEnvelope):
+            decrypt_raw(forged, body, card)
+        with pytest.raises(InvalidEnvelope):
+            envelope.open_bytes(forged, body, card)
+
+
+def test_key_commitment_is_checked():
+    """A head re-signed by the real sender with another `kc`: no reader gets past its slot."""
+    c = case("referral-two-recipients-attachments")
+    head, body = expected(c)
+    header, _ = split_head(head)
+    for kc in (bytes(32), envelope.key_commitment(b"\x01" * 32), flip(header["body"]["kc"], 31)):
+        forged = make_head(dict(header, body=dict(header["body"], kc=kc)), signer=identity("gp"))
+        h = Head.from_wire(forged)                     # well formed and validly signed
+        for who in readers(c):
+            with pytest.raises(InvalidEnvelope):
+                h.content_key(identity(who))
+            with pytest.raises(InvalidEnvelope):
+                envelope.open_bytes(forged, body, identity(who))
+
+
+def test_a_sender_cannot_give_one_recipient_another_key():
+    """The GP seals a different content key for the cardiologist, the header committing to the
+    key of the others: the cardiologist's slot opens, to a key that is refused."""
+    c = case("referral-two-recipients-attachments")
+    head, body = expected(c)
+    header, _ = split_head(head)
+    gp, card, radio = identity("gp"), identity("cardiologist"), identity("radiologist")
+    real_key = bytes.fromhex(c["expected"]["content_key"])
+    other_key = hashlib.sha256(b"another content key").digest()
+    assert header["to"][1]["to"] == node_id_bytes(card.sign_public)
+    split = copy.deepcopy(header)
+    split["to"][1] = envelope.seal_slot(recipient_of(card), other_key, counter_rng(b"split")).to_wire()
+    assert split["body"]["kc"] == envelope.key_commitment(real_key)
+    forged = make_head(split, signer=gp)
+    h = Head.from_wire(forged)
+    slot = h.header.slots[1]
+    assert crypto.open_sealed_key(card.enc_private(slot.kid), slot.key) == other_key   # the box itself opens
     with pytest.raises(InvalidEnvelope):
-        envelope.open_bytes(make_head(header, signer=mallory), body, identity("cardiologist"))
+        h.content_key(card)
+    with pytest.raises(InvalidEnvelope):
+        envelope.open_bytes(forged, body, card)
+    for who in (gp, radio):
+        assert envelope.open_bytes(forged, body, who)[1] == manifest_of(c)
+    # committing to the cardiologist's key instead turns it around: the others are refused at
+    # their slot, and the cardiologist's key does not decrypt this body
+    split["body"]["kc"] = envelope.key_commitment(other_key)
+    forged = make_head(split, signer=gp)
+    assert Head.from_wire(forged).content_key(card) == other_key
+    for who in (gp, radio, card):
+        with pytest.raises(InvalidEnvelope):
+            envelope.open_bytes(forged, body, who)
+
+
+# --- the sending side refuses what readers refuse ------------------------------
+
+def _atts(*sizes: int, name: str = "a", type_: str = "t") -> tuple[Attachment, ...]:
+    return tuple(Attachment(name=f"{name}{i}" if name else "", size=s, type=type_) for i, s in enumerate(sizes))
+
+
+def _raw_manifest(atts: tuple[Attachment, ...]) -> bytes:
+    return wire.pack({"patient": "P", "born": "", "subject": "", "letter": "", "data": "",
+                      "att": [{"name": a.name, "size": a.size, "type": a.type} for a in atts]})
+
+
+def test_manifest_limits():
+    """Sizes are only numbers in the manifest: the limits are checked without any data."""
+    G = envelope.MAX_ATTACHMENT
+    assert envelope.MAX_RECORD == 4 * G
+    largest = Manifest(patient="P", attachments=_atts(G, G, G, G))
+    many = Manifest(patient="P", attachments=_atts(*[0] * envelope.MAX_ATTACHMENTS))
+    long_names = Manifest(patient="P", attachments=(Attachment(name="é" * 255, size=1, type="é" * 255),))
+    for m in (largest, many, long_names):
+        assert Manifest.from_wire(m.to_wire()) == m
+    assert envelope.ciphertext_size(largest.plaintext_size) <= envelope.MAX_BODY
+    too_large = [_atts(*[0] * (envelope.MAX_ATTACHMENTS + 1)), _atts(G + 1), _atts(G, G, G, G, 1),
+                 _atts(G, G, G, G, G), _atts(-1)]
+    too_long = [(Attachment(name="n" * 256, size=1),), (Attachment(name="n", size=1, type="t" * 256),)]
+    for atts, error in [(a, TooLarge) for a in too_large] + [(a, LocalProtocolError) for a in too_long]:
+        with pytest.raises(error):
+            Manifest(patient="P", attachments=atts).to_wire()
+        with pytest.raises(RemoteProtocolError):         # and a reader refuses the same manifest
+            Manifest.from_wire(_raw_manifest(atts))
+
+
+def test_max_body_is_the_largest_possible_record():
+    biggest = 4 + envelope.MAX_MANIFEST + envelope.MAX_RECORD
+    assert envelope.MAX_BODY == envelope.ciphertext_size(biggest) == 17_192_716_437
+    assert envelope.MAX_BODY % CT_CHUNK > ABYTES                 # a possible body size
+
+
+def test_sealer_refuses_what_readers_refuse():
+    gp, card = identity("gp"), recipient_of(identity("cardiologist"))
+    base = dict(sender=gp, recipients=[card], kind="referral", created=1, rng=counter_rng(b"sealer"))
+    for change in (dict(record_id=b"x" * 15), dict(record_id=b"x" * 17), dict(thread=b"x" * 15),
+                   dict(thread=b"x" * 17), dict(reply_to=b"x" * 15), dict(reply_to=b""), dict(created=-1),
+                   dict(kind="receipt"), dict(recipients=[card, card]),
+                   dict(recipients=[recipient_of(Identity.generate()) for _ in range(envelope.MAX_RECIPIENTS)])):
+        with pytest.raises(LocalProtocolError):
+            envelope.Sealer(**{**base, **change})
+    envelope.Sealer(**{**base, "recipients": [recipient_of(Identity.generate())
+                                              for _ in range(envelope.MAX_RECIPIENTS - 1)]})
+    sealer = envelope.Sealer(**base)
+    with pytest.raises(TooLarge):
+        sealer.head(body_size=envelope.MAX_BODY + 1, body_sha256=bytes(32))
+    hraw = wire.unpack(sealer.head(body_size=envelope.MAX_BODY, body_sha256=bytes(32)))["h"]
+    assert wire.unpack(hraw)["body"]["size"] == envelope.MAX_BODY
+
+
+def test_sealer_output_does_not_depend_on_how_plaintext_is_pushed():
+    c = case("referral-exact-two-chunks")
+    _, body = expected(c)
+    plain = envelope.plaintext_prefix(manifest_of(c)) + attachments_of(c)[0]
+    r = random.Random(11)
+    for kind in (bytes, bytearray, memoryview):
+        sealer = envelope.Sealer(sender=identity(c["sender"]), recipients=[recipient_of(identity("cardiologist"))],
+                                 kind=c["kind"], created=c["created"], rng=counter_rng(bytes.fromhex(c["rng_seed"])))
+        out, i = [], 0
+        while i < len(plain):
+            n = r.choice([0, 1, 3, CHUNK - 1, CHUNK, CHUNK + 1, len(plain)])
+            out += sealer.push(kind(plain[i:i + n]))
+            i += n
+        out.append(sealer.finish())
+        assert b"".join(out) == body

@@ -195,7 +195,8 @@ def test_field_helper():
     assert wire.field(obj, "b", bool, what="m") is True
     cases = [("n", str, {}, "field 'n' has the wrong type"), ("b", int, {}, "field 'b' has the wrong type"),
              ("gone", int, {}, "missing field 'gone'"), ("none", int, {}, "missing field 'none'"),
-             ("x", bytes, {"size": 7}, "field 'x' must be 7 bytes"), ("s", str, {"max_len": 2}, "field 's' is too long")]
+             ("x", bytes, {"size": 7}, "field 'x' must be 7 bytes"),
+             ("s", str, {"max_len": 2}, "field 's' is too long")]
     for name, kind, kwargs, message in cases:
         with pytest.raises(RemoteProtocolError) as info:
             wire.field(obj, name, kind, what="m", **kwargs)
@@ -208,6 +209,10 @@ def test_only_fields_helper():
     wire.only_fields({"a": 1}, {"a", "b"}, what="m")
     with pytest.raises(RemoteProtocolError, match=r"unknown field\(s\) \['c', 'd'\]"):
         wire.only_fields({"a": 1, "d": 2, "c": 3}, {"a"}, what="m")
+    for not_a_map in (5, None, "ab", b"ab", [1], ["a"], True):
+        with pytest.raises(RemoteProtocolError) as info:
+            wire.only_fields(not_a_map, {"a"}, what="m")
+        assert str(info.value) == "m: expected a map"
 
 
 # --- properties -----------------------------------------------------------------

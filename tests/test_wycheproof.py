@@ -72,6 +72,18 @@ def test_domain_prefix_is_exactly_as_documented():
             crypto.verify(bytes(key.verify_key), domain, message, sig)
 
 
+def test_domain_with_a_nul_is_refused():
+    """("envelope\\0x", m) and ("envelope", b"x\\0" + m) would be the same signed bytes."""
+    key = nacl.signing.SigningKey(b"\x07" * 32)
+    sig = crypto.sign(key, "envelope", b"x\0header bytes")
+    for domain in ("envelope\0x", "\0", "envelope\0"):
+        with pytest.raises(ValueError, match="NUL"):
+            crypto.sign(key, domain, b"header bytes")
+        with pytest.raises(InvalidSignature):
+            crypto.verify(bytes(key.verify_key), domain, b"header bytes", sig)
+    crypto.verify(bytes(key.verify_key), "envelope", b"x\0header bytes", sig)
+
+
 # --- X25519 ------------------------------------------------------------------------
 
 X25519 = _tests("x25519_test.json", "curve")
