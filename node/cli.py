@@ -93,8 +93,9 @@ async def cmd_init(a) -> int:
 
 async def cmd_run(a) -> int:
     async with Node.open(a.data, passphrase=passphrase()) as node:
-        host, port = await node.serve(a.listen)
-        print(f"cabinet node {node.node_id} ({node.config.name}) listening on http://{host}:{port}", flush=True)
+        host, port = await node.serve(a.listen, accept=not a.no_listen, pull_interval=a.pull_every)
+        where = f"listening on http://{host}:{port}" if port else "not listening (delivering and pulling only)"
+        print(f"cabinet node {node.node_id} ({node.config.name}) {where}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -183,17 +184,35 @@ async def cmd_reply(a) -> int:
     return 0
 
 
+def delivery_state(d: dict, now_ms: int) -> str:
+    """One outbox line's status, as a practitioner reads it."""
+    if d["state"] == "delivered":
+        text = f"delivered {when(d['delivered'])}"
+        return text + (f", opened {when(d['opened'])}" if d["opened"] else ", not opened yet")
+    if d["state"] == "sending" and d["body_size"]:
+        pct = 100 * d["sent_bytes"] // d["body_size"]
+        text = f"sending {pct}% ({size(d['sent_bytes'])} of {size(d['body_size'])})"
+    else:
+        text = f"queued, {d['attempts']} attempt(s)"
+    if d["attempts"]:
+        text += f", next try {when(d['next_try'])}"
+    if d["last_error"]:
+        text += f": {d['last_error']}"
+    days = (now_ms - d["created"]) // 86_400_000
+    if d["stale"]:
+        text += f"  [NOT DELIVERED FOR {days} DAYS: is the colleague's node running?]"
+    return text
+
+
 async def cmd_outbox(a) -> int:
     async with Node.open(a.data, passphrase=passphrase()) as node:
         rows = await node.outbox(a.id)
         if not rows:
             print("Outbox: nothing sent yet")
+        now = int(time.time() * 1000)
         for d in rows:
             name = d["recipient_name"] or d["recipient"]
-            detail = f"delivered {when(d['delivered'])}" if d["state"] == "delivered" else (
-                f"{d['state']}, {d['attempts']} attempt(s), next try {when(d['next_try'])}"
-                + (f": {d['last_error']}" if d["last_error"] else ""))
-            print(f"{d['record_id'][:10]}  {when(d['created'])}  to {name[:24]:24}  {detail}")
+            print(f"{d['record_id'][:10]}  {when(d['created'])}  to {name[:24]:24}  {delivery_state(d, now)}")
     return 0
 
 
@@ -279,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--advertise", action="append", help="address colleagues reach this node at (repeatable)")
     sp = add("run", cmd_run, "run the node until Ctrl-C or SIGTERM")
     sp.add_argument("--listen", help="HOST:PORT (default: as configured, 127.0.0.1:7400)")
+    sp.add_argument("--no-listen", action="store_true",
+                    help="accept no connections (behind a router): push what is sent, pull what is waiting")
+    sp.add_argument("--pull-every", type=float, default=None, metavar="SECONDS",
+                    help="how often to ask colleagues for records waiting for us (default 30)")
     sp = add("id", cmd_id, "print the node ID and the signed descriptor")
     sp.add_argument("--export", metavar="FILE", help="write the descriptor to FILE")
     sp.add_argument("--text", action="store_true", help="print the descriptor text even with --export")

@@ -23,15 +23,17 @@ from typing import AsyncIterator, Iterable, Sequence
 
 from . import envelope
 from .config import Config, parse_listen, prepare_folder
-from .delivery import Courier, Receiver
+from .courier import Courier, Puller
 from .envelope import Attachment, Head, Manifest, Recipient, Sealer
 from .errors import AlreadyExists, NotFound, TooLarge, UsageError
+from .intake import Intake, make_receipt
 from .identity import DESCRIPTOR_PREFIX, Descriptor, normalize_node_id, parse_node_id, safety_code
 from .store import blobs as blobstore
 from .store import keyfile, records
 from .store.audit import verify as verify_audit
 from .store.db import DBFILE, Store
 from .transport.client import Client
+from .serving import NodeHandler
 from .transport.server import Server
 
 log = logging.getLogger("cabinet.node")
@@ -81,8 +83,10 @@ class Node:
         self._secrets = secrets
         self.blobs = blobstore.BlobStore(folder)
         self.client = Client(self.identity)
+        self.intake = Intake(self)
+        self.handler = NodeHandler(self)
         self.courier = Courier(self)
-        self.receiver = Receiver(self)
+        self.puller = Puller(self)
         self._server: Server | None = None
         self._lock_fd: int | None = None
         self._bound_port: int | None = None
@@ -127,20 +131,33 @@ class Node:
 
     async def close(self) -> None:
         await self.courier.stop()
+        await self.puller.stop()
         if self._server:
             await self._server.stop()
             self._server = None
         await self.client.close()
+        await asyncio.to_thread(self.intake.close)
         await asyncio.to_thread(self.store.close)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    async def serve(self, listen: str | None = None) -> tuple[str, int]:
-        """Start the server and the outbox worker; returns the (host, port) listened on."""
+    async def serve(self, listen: str | None = None, *, accept: bool = True,
+                    pull_interval: float | None = None) -> tuple[str, int]:
+        """Start the server (unless accept=False), the courier and the puller.
+
+        Returns the (host, port) listened on; (host, 0) when not accepting.
+        """
         self._take_run_lock()
+        if pull_interval is not None:
+            self.puller.interval = pull_interval
         host, port = parse_listen(listen or self.config.listen)
-        self._server = Server(self.receiver, host, port)
+        if not accept:
+            await self.store.call(records.log, at=now_ms(), event="node-started", detail="not listening")
+            self.courier.start()
+            self.puller.start()
+            return host, 0
+        self._server = Server(self.handler, host, port)
         await self._server.start()
         self._bound_port = self._server.port
         if listen and port and listen != self.config.listen:
@@ -152,6 +169,7 @@ class Node:
             self._descriptor = self._make_descriptor()
         await self.store.call(records.log, at=now_ms(), event="node-started")
         self.courier.start()
+        self.puller.start()
         return host, self._server.port
 
     def _take_run_lock(self) -> None:
@@ -267,8 +285,8 @@ class Node:
         tmp = self.blobs.incoming / f"{record_id}.sealing"
         size, digest = await asyncio.to_thread(blobstore.seal_files, sealer, manifest, paths, tmp)
         head = sealer.head(body_size=size, body_sha256=digest)
-        await asyncio.to_thread(self.blobs.commit, tmp, record_id)
-        row = self._record_row(Head.from_wire(head).header, head, manifest, "out")
+        body = await asyncio.to_thread(self._place_sealed, tmp, record_id, size)
+        row = dict(self._record_row(Head.from_wire(head).header, head, manifest, "out"), body=body)
         await self.store.call(records.insert_record, row, recipients=[c["node_id"] for c in contacts],
                               now=now_ms(), event="sent" if kind == "referral" else "replied")
         log.info("record %s sealed for %d recipient(s)", record_id, len(contacts))
@@ -277,6 +295,17 @@ class Node:
             errors = await self.courier.deliver_record(record_id)
         states = {d["recipient"]: d["state"] for d in await self.store.call(records.deliveries, record_id)}
         return SendResult(record_id, states, errors)
+
+    def _place_sealed(self, tmp: Path, record_id: str, size: int) -> bytes | None:
+        if size <= blobstore.INLINE_MAX:
+            data = tmp.read_bytes()
+            tmp.unlink()
+            return data
+        self.blobs.commit(tmp, record_id)
+        return None
+
+    def _source(self, row: dict) -> blobstore.Source:
+        return row["body"] if row["body"] is not None else self.blobs.path(row["id"])
 
     async def _letter_text(self, letter: str | Path) -> str:
         if isinstance(letter, Path):
@@ -337,8 +366,8 @@ class Node:
         row = await self.store.call(records.get_record, ref)
         head = Head.from_wire(row["head"])
         key = head.content_key(self.identity)
-        manifest = await asyncio.to_thread(blobstore.read_manifest, self.blobs, row["id"], head.header, key)
-        await self.store.call(records.mark_opened, row["id"], now_ms(), audit_event)
+        manifest = await asyncio.to_thread(blobstore.read_manifest, self._source(row), head.header, key)
+        await self._opened(row, audit_event)
         names = {c["node_id"]: c["name"] for c in await self.contacts()}
         return RecordView(self._summary(row, names), tuple(head.header.recipient_ids), manifest)
 
@@ -352,9 +381,17 @@ class Node:
             dest.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"cannot create {dest}: {exc.strerror}") from None
-        written = await asyncio.to_thread(_export, self.blobs, row["id"], head.header, key, dest)
-        await self.store.call(records.mark_opened, row["id"], now_ms(), "export")
+        written = await asyncio.to_thread(_export, self._source(row), head.header, key, dest)
+        await self._opened(row, "export")
         return written
+
+    async def _opened(self, row: dict, event: str) -> None:
+        """Log the access; the first time a received record is opened, owe its sender a receipt."""
+        receipt = None
+        if row["direction"] == "in":
+            receipt = (row["sender"], make_receipt(self, row["id"], "opened", now_ms()))
+        if await self.store.call(records.mark_opened, row["id"], now_ms(), event, receipt) and receipt:
+            self.courier.wake()
 
     async def audit_verify(self) -> tuple[bool, int | None]:
         return await self.store.call(verify_audit)
@@ -399,8 +436,7 @@ def safe_name(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def _export(blobs: blobstore.BlobStore, record_id: str, header: envelope.Header, key: bytes,
-            dest: Path) -> list[Path]:
+def _export(source: blobstore.Source, header: envelope.Header, key: bytes, dest: Path) -> list[Path]:
     taken = {p.name.lower() for p in dest.iterdir()}
     tmp_files: dict[int, tuple[Path, Path]] = {}
 
@@ -411,7 +447,7 @@ def _export(blobs: blobstore.BlobStore, record_id: str, header: envelope.Header,
         return open(tmp, "xb")
 
     try:
-        blobstore.open_to_files(blobs, record_id, header, key, open_sink)
+        blobstore.open_to_files(source, header, key, open_sink)
     except BaseException:
         for tmp, _ in tmp_files.values():
             tmp.unlink(missing_ok=True)

@@ -79,8 +79,8 @@ class NodeProc:
         self.node_id = next(l.split(": ", 1)[1] for l in out.splitlines() if l.startswith("Node ID:"))
         return self
 
-    def start(self, timeout: float = 20) -> "NodeProc":
-        cmd = [sys.executable, "-m", "node.cli", "run", "--data", str(self.data)]
+    def start(self, *extra: str, timeout: float = 20) -> "NodeProc":
+        cmd = [sys.executable, "-m", "node.cli", "run", "--data", str(self.data), *extra]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=base_env(), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + timeout
@@ -89,7 +89,7 @@ class NodeProc:
             if not line:
                 break
             self.log.append(line)
-            if "listening on" in line:
+            if "listening" in line:
                 return self
         self.proc.kill()
         raise AssertionError(f"node {self.name} did not start:\n{''.join(self.log)}{self.proc.stdout.read()}")
@@ -127,6 +127,26 @@ def practice(tmp_path):
     for n in made:
         if n.proc is not None:
             n.stop(signal.SIGKILL)
+
+
+def db_rows(node: NodeProc, sql: str, args: tuple = ()) -> list[tuple]:
+    """Read a node's database directly (read-only), as an auditor with the file would."""
+    import sqlite3
+    conn = sqlite3.connect(f"file:{node.data / 'cabinet.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def introduce(a: NodeProc, b: NodeProc) -> None:

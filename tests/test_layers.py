@@ -1,6 +1,6 @@
 """Dependencies point down the layers of DESIGN.md; this test fails when one points up.
 
-    cli, node.py, delivery.py      (wiring: may import everything)
+    cli, node.py, serving, courier, intake   (wiring: may import everything)
     transport/                     (never imports store)
     store/, config                 (never imports transport)
     sync/, envelope, identity, consent, wire, crypto, errors   (pure: no I/O libraries)
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PURE = {"node.errors", "node.wire", "node.crypto", "node.identity", "node.envelope", "node.consent"}
 IO_LIBS = {"asyncio", "aiohttp", "sqlite3", "sqlite_utils", "zeroconf", "socket", "threading",
            "concurrent", "subprocess", "selectors"}
-WIRING = {"node", "node.node", "node.delivery", "node.cli", "node.__main__"}
+WIRING = {"node", "node.node", "node.serving", "node.courier", "node.intake", "node.cli", "node.__main__"}
 
 
 def module_name(path: Path) -> str:

@@ -24,6 +24,23 @@ from ..errors import InvalidEnvelope, StoreError, UsageError
 
 READ_SIZE = 16 * CT_CHUNK          # about 1 MiB, a whole number of ciphertext chunks
 _MAX_INFLIGHT = 4
+INLINE_MAX = 256 * 1024             # bodies up to this size live in SQLite, not in files
+Source = bytes | Path               # a stored body: inline bytes or a blob file
+
+
+def iter_source(source: Source, offset: int = 0) -> Iterator[bytes]:
+    if isinstance(source, (bytes, bytearray)):
+        for i in range(offset, len(source), READ_SIZE):
+            yield bytes(source[i:i + READ_SIZE])
+        return
+    try:
+        fh = open(source, "rb")
+    except FileNotFoundError:
+        raise StoreError("a record's body file is missing from the data folder") from None
+    with fh:
+        fh.seek(offset)
+        while piece := fh.read(READ_SIZE):
+            yield piece
 
 
 class _Pipeline:
@@ -98,16 +115,7 @@ class BlobStore:
     def remove_incoming(self, record_id: str) -> None:
         self.incoming_path(record_id).unlink(missing_ok=True)
 
-    def read_range(self, record_id: str, offset: int, size: int = READ_SIZE) -> bytes:
-        with open(self.path(record_id), "rb") as fh:
-            fh.seek(offset)
-            return fh.read(size)
 
-    def iter_body(self, record_id: str, offset: int = 0) -> Iterator[bytes]:
-        with open(self.path(record_id), "rb") as fh:
-            fh.seek(offset)
-            while piece := fh.read(READ_SIZE):
-                yield piece
 
 
 def seal_files(sealer: Sealer, manifest: Manifest, sources: list[Path], dest: Path) -> tuple[int, bytes]:
@@ -212,10 +220,10 @@ class Inbound:
         self._fh.close()
 
 
-def read_manifest(blobs: BlobStore, record_id: str, header: Header, content_key: bytes) -> Manifest:
+def read_manifest(source: Source, header: Header, content_key: bytes) -> Manifest:
     """Decrypt just enough of a stored body to read its manifest (letter and details)."""
     dec, parser = Decryptor(header, content_key), BodyParser()
-    for piece in blobs.iter_body(record_id):
+    for piece in iter_source(source):
         for plain in dec.feed(piece):
             parser.feed(plain)
             if parser.manifest is not None:
@@ -224,7 +232,7 @@ def read_manifest(blobs: BlobStore, record_id: str, header: Header, content_key:
     return parser.finish()
 
 
-def open_to_files(blobs: BlobStore, record_id: str, header: Header, content_key: bytes,
+def open_to_files(source: Source, header: Header, content_key: bytes,
                   open_sink: Callable[[int, Manifest], object]) -> Manifest:
     """Decrypt a stored body, verifying it, and hand each attachment's bytes to a sink.
 
@@ -242,7 +250,7 @@ def open_to_files(blobs: BlobStore, record_id: str, header: Header, content_key:
             sinks[i].write(data)
 
     try:
-        for piece in blobs.iter_body(record_id):
+        for piece in iter_source(source):
             hasher.update(piece)
             for plain in dec.feed(piece):
                 route(plain)

@@ -48,8 +48,11 @@ CREATE TABLE IF NOT EXISTS records (
     body_size  INTEGER NOT NULL,
     meta       BLOB NOT NULL,
     patient_ix BLOB NOT NULL,
-    opened     INTEGER
+    opened     INTEGER,
+    seq        INTEGER,
+    body       BLOB
 );
+CREATE UNIQUE INDEX IF NOT EXISTS records_stream ON records (sender, seq) WHERE direction = 'in';
 CREATE INDEX IF NOT EXISTS records_thread ON records (thread, created);
 CREATE INDEX IF NOT EXISTS records_patient ON records (patient_ix);
 CREATE INDEX IF NOT EXISTS records_listing ON records (direction, stored);
@@ -65,10 +68,25 @@ CREATE TABLE IF NOT EXISTS deliveries (
     updated    INTEGER NOT NULL,
     delivered  INTEGER,
     receipt    BLOB,
+    opened     INTEGER,
+    opened_receipt BLOB,
+    stale      INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (record_id, recipient),
     UNIQUE (recipient, seq)
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_try);
+CREATE TABLE IF NOT EXISTS streams_in (
+    sender TEXT PRIMARY KEY,
+    cursor INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS receipts_out (
+    record_id TEXT NOT NULL,
+    to_node   TEXT NOT NULL,
+    status    TEXT NOT NULL,
+    receipt   BLOB NOT NULL,
+    sent      INTEGER,
+    PRIMARY KEY (record_id, to_node, status)
+);
 CREATE TABLE IF NOT EXISTS audit (
     seq    INTEGER PRIMARY KEY,
     at     INTEGER NOT NULL,

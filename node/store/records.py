@@ -18,6 +18,7 @@ from .. import crypto, wire
 from ..errors import AlreadyExists, CorruptStore, NotFound, ProtocolError, UsageError
 from ..identity import Descriptor
 from . import audit
+from ..sync.stream import Ack, RecipientStream
 from .db import transaction
 
 # --- encrypted metadata ------------------------------------------------------
@@ -95,7 +96,8 @@ def mark_verified(db: sqlite_utils.Database, node_id: str, now: int) -> None:
 # --- records -----------------------------------------------------------------
 
 RECORD_FIELDS = ("id", "direction", "kind", "sender", "thread", "reply_to", "created", "stored", "head",
-                 "body_size", "meta", "patient_ix")
+                 "body_size", "meta", "patient_ix", "seq", "body")
+_INSERT = f"INSERT INTO records ({', '.join(RECORD_FIELDS)}) VALUES ({', '.join('?' * len(RECORD_FIELDS))})"
 
 
 def insert_record(db: sqlite_utils.Database, row: dict, *, recipients: list[str] = (), now: int,
@@ -106,17 +108,65 @@ def insert_record(db: sqlite_utils.Database, row: dict, *, recipients: list[str]
     duplicate delivery is acknowledged again and dropped.
     """
     with transaction(db) as conn:
-        if conn.execute("SELECT 1 FROM records WHERE id = ?", (row["id"],)).fetchone():
+        if not _insert(conn, row, now=now, event=event, peer=peer, db=db):
             return False
-        conn.execute(f"INSERT INTO records ({', '.join(RECORD_FIELDS)}) VALUES ({', '.join('?' * len(RECORD_FIELDS))})",
-                     [row[f] for f in RECORD_FIELDS])
         for to in recipients:
             seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM deliveries WHERE recipient = ?",
                                (to,)).fetchone()[0]
             conn.execute("INSERT INTO deliveries (record_id, recipient, seq, state, next_try, updated) "
                          "VALUES (?, ?, ?, 'queued', ?, ?)", (row["id"], to, seq, now, now))
-        audit.append(db, at=now, event=event, record=row["id"], peer=peer)
         return True
+
+
+def insert_received(db: sqlite_utils.Database, rows: list[dict], *, sender: str, now: int) -> tuple[list[bool], Ack]:
+    """Commit records received from one sender's stream, all in one transaction.
+
+    Returns which rows were new, and the stream's ack (its cursor moved over
+    any gap these rows closed). Duplicates change nothing and are acked again.
+    """
+    with transaction(db) as conn:
+        stored = [_insert(conn, dict(r, seq=r.get("seq"), body=r.get("body")), now=now, event="received",
+                          peer=sender, db=db) for r in rows]
+        return stored, _settle_stream(conn, sender)
+
+
+def _insert(conn, row: dict, *, now: int, event: str, peer: str | None, db) -> bool:
+    if conn.execute("SELECT 1 FROM records WHERE id = ?", (row["id"],)).fetchone():
+        if row.get("seq") is not None and row["direction"] == "in":
+            # Already here (e.g. pushed before); remember its place in this stream.
+            conn.execute("UPDATE records SET seq = ? WHERE id = ? AND seq IS NULL AND NOT EXISTS "
+                         "(SELECT 1 FROM records WHERE sender = ? AND seq = ? AND direction = 'in')",
+                         (row["seq"], row["id"], row["sender"], row["seq"]))
+        return False
+    if row.get("seq") is not None and conn.execute(
+            "SELECT 1 FROM records WHERE direction = 'in' AND sender = ? AND seq = ?",
+            (row["sender"], row["seq"])).fetchone():
+        row = dict(row, seq=None)          # a sender reusing a number: keep the record, not the claim
+    conn.execute(_INSERT, [row.get(f) for f in RECORD_FIELDS])
+    audit.append(db, at=now, event=event, record=row["id"], peer=peer)
+    return True
+
+
+def _settle_stream(conn, sender: str) -> Ack:
+    row = conn.execute("SELECT cursor FROM streams_in WHERE sender = ?", (sender,)).fetchone()
+    stream = RecipientStream(cursor=row[0] if row else 0)
+    stream.above = {s for (s,) in conn.execute(
+        "SELECT seq FROM records WHERE direction = 'in' AND sender = ? AND seq > ?", (sender, stream.cursor))}
+    ack = stream.committed(stream.cursor)
+    conn.execute("INSERT INTO streams_in (sender, cursor) VALUES (?, ?) "
+                 "ON CONFLICT (sender) DO UPDATE SET cursor = excluded.cursor", (sender, ack.upto))
+    return ack
+
+
+def stream_in(db: sqlite_utils.Database, sender: str) -> Ack:
+    """Where this node stands in `sender`'s stream: its cursor and what it has above it."""
+    with transaction(db) as conn:
+        return _settle_stream(conn, sender)
+
+
+def body_of(db: sqlite_utils.Database, record_id: str) -> bytes | None:
+    row = db.conn.execute("SELECT body FROM records WHERE id = ?", (record_id,)).fetchone()
+    return row[0] if row else None
 
 
 def get_record(db: sqlite_utils.Database, ref: str) -> dict:
@@ -147,10 +197,16 @@ def list_records(db: sqlite_utils.Database, direction: str | None = None, patien
     return list(db.query(sql + f" ORDER BY created DESC, id LIMIT {int(limit)}", args))
 
 
-def mark_opened(db: sqlite_utils.Database, record_id: str, now: int, event: str = "read") -> None:
-    with transaction(db):
-        db.conn.execute("UPDATE records SET opened = COALESCE(opened, ?) WHERE id = ?", (now, record_id))
+def mark_opened(db: sqlite_utils.Database, record_id: str, now: int, event: str = "read",
+                receipt_for: tuple[str, bytes] | None = None) -> bool:
+    """Log a read; the first time, also queue the signed "opened" receipt for the sender."""
+    with transaction(db) as conn:
+        first = conn.execute("UPDATE records SET opened = ? WHERE id = ? AND opened IS NULL",
+                             (now, record_id)).rowcount > 0
+        if first and receipt_for is not None:
+            queue_receipt(db, record_id, receipt_for[0], "opened", receipt_for[1])
         audit.append(db, at=now, event=event, record=record_id)
+        return first
 
 
 def log(db: sqlite_utils.Database, *, at: int, event: str, record: str | None = None, peer: str | None = None,
@@ -175,9 +231,83 @@ def deliveries(db: sqlite_utils.Database, record_id: str | None = None, state: s
     return list(db.query(sql, args))
 
 
-def due(db: sqlite_utils.Database, now: int, limit: int = 100) -> list[dict]:
-    return list(db.query("SELECT * FROM deliveries WHERE state IN ('queued', 'sending') AND next_try <= ? "
-                         "ORDER BY recipient, seq LIMIT ?", [now, limit]))
+def due(db: sqlite_utils.Database, now: int, limit: int = 2000) -> list[dict]:
+    return list(db.query("SELECT d.*, r.created, r.body_size FROM deliveries d JOIN records r ON r.id = d.record_id "
+                         "WHERE d.state IN ('queued', 'sending') AND d.next_try <= ? "
+                         "ORDER BY d.recipient, d.seq LIMIT ?", [now, limit]))
+
+
+def pending_for(db: sqlite_utils.Database, recipient: str) -> dict[int, str]:
+    """The sender's open stream to `recipient`: seq -> record ID, not yet delivered."""
+    return {seq: rid for seq, rid in db.conn.execute(
+        "SELECT seq, record_id FROM deliveries WHERE recipient = ? AND state != 'delivered'", (recipient,))}
+
+
+def last_seq(db: sqlite_utils.Database, recipient: str) -> int:
+    return db.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM deliveries WHERE recipient = ?", (recipient,)).fetchone()[0]
+
+
+def outgoing(db: sqlite_utils.Database, recipient: str, seqs: list[int]) -> list[dict]:
+    """What to send for these stream positions: head, size, and the body when it is kept inline."""
+    if not seqs:
+        return []
+    marks = ",".join("?" * len(seqs))
+    return list(db.query(f"SELECT d.seq, d.record_id AS id, r.head, r.body_size, r.body FROM deliveries d "
+                         f"JOIN records r ON r.id = d.record_id WHERE d.recipient = ? AND d.seq IN ({marks}) "
+                         f"ORDER BY d.seq", [recipient, *seqs]))
+
+
+def is_recipient(db: sqlite_utils.Database, record_id: str, node_id: str) -> bool:
+    return db.conn.execute("SELECT 1 FROM deliveries WHERE record_id = ? AND recipient = ?",
+                           (record_id, node_id)).fetchone() is not None
+
+
+def retire(db: sqlite_utils.Database, recipient: str, seqs: list[int], *, now: int,
+           receipts: dict[int, bytes] | None = None) -> list[str]:
+    """Mark these stream positions delivered; returns the record IDs that changed."""
+    done = []
+    with transaction(db) as conn:
+        for seq in seqs:
+            row = conn.execute("SELECT record_id FROM deliveries WHERE recipient = ? AND seq = ? "
+                               "AND state != 'delivered'", (recipient, seq)).fetchone()
+            if row is None:
+                continue
+            conn.execute("UPDATE deliveries SET state = 'delivered', delivered = ?, updated = ?, last_error = NULL, "
+                         "sent_bytes = (SELECT body_size FROM records WHERE id = ?), "
+                         "receipt = COALESCE(?, receipt) WHERE recipient = ? AND seq = ?",
+                         (now, now, row[0], (receipts or {}).get(seq), recipient, seq))
+            audit.append(db, at=now, event="delivered", record=row[0], peer=recipient)
+            done.append(row[0])
+    return done
+
+
+def mark_opened_by(db: sqlite_utils.Database, record_id: str, recipient: str, *, at: int, receipt: bytes,
+                   now: int) -> bool:
+    with transaction(db) as conn:
+        cur = conn.execute("UPDATE deliveries SET opened = ?, opened_receipt = ?, updated = ? "
+                           "WHERE record_id = ? AND recipient = ? AND opened IS NULL",
+                           (at, receipt, now, record_id, recipient))
+        if cur.rowcount:
+            audit.append(db, at=now, event="opened-by-recipient", record=record_id, peer=recipient)
+        return bool(cur.rowcount)
+
+
+# --- receipts this node owes its senders -----------------------------------------
+
+def queue_receipt(db: sqlite_utils.Database, record_id: str, to_node: str, status: str, receipt: bytes) -> None:
+    db.conn.execute("INSERT OR IGNORE INTO receipts_out (record_id, to_node, status, receipt) VALUES (?,?,?,?)",
+                    (record_id, to_node, status, receipt))
+
+
+def receipts_due(db: sqlite_utils.Database, to_node: str | None = None) -> list[dict]:
+    where, args = ("AND to_node = ?", [to_node]) if to_node else ("", [])
+    return list(db.query(f"SELECT * FROM receipts_out WHERE sent IS NULL {where} ORDER BY to_node LIMIT 500", args))
+
+
+def receipts_sent(db: sqlite_utils.Database, keys: list[tuple[str, str, str]], now: int) -> None:
+    with transaction(db) as conn:
+        conn.executemany("UPDATE receipts_out SET sent = ? WHERE record_id = ? AND to_node = ? AND status = ?",
+                         [(now, *k) for k in keys])
 
 
 def next_due(db: sqlite_utils.Database) -> int | None:

@@ -22,7 +22,7 @@ from ..errors import (AuthenticationFailed, PeerRefused, PeerTimeout, PeerUnreac
 from ..identity import Identity, parse_node_id
 from . import auth
 
-MAX_ANSWER = 1 << 20
+MAX_ANSWER = 10 << 20          # an outbox answer carries up to 8 MiB of small records
 CONNECT_TIMEOUT = 10
 READ_TIMEOUT = 120
 RESUME_PROBE = 1 << 20          # bodies larger than this start with a status query
@@ -78,22 +78,76 @@ class Client:
             raise RemoteProtocolError("descriptor too large")
         return body
 
-    async def push_record(self, peer: Peer, record_id: str, head_raw: bytes, body_size: int,
-                          read_from: Callable[[int], AsyncIterator[bytes]],
-                          progress: Callable[[int], None] | None = None) -> dict:
-        """Upload a record; resume from the offset the peer says it has. Returns the peer's answer."""
+    async def _each_address(self, peer: Peer, attempt):
+        """Try the peer's addresses in order; the first that answers wins."""
         if not peer.addresses:
             raise PeerUnreachable("no known address for this contact")
         last: TransportError | None = None
         for address in peer.addresses:
             try:
-                return await self._push_to(address, peer, record_id, head_raw, body_size, read_from, progress)
+                return await attempt(address)
             except (PeerUnreachable, PeerTimeout) as exc:
                 last = exc
         assert last is not None
         raise last
 
-    async def _push_to(self, address, peer, record_id, head_raw, body_size, read_from, progress) -> dict:
+    async def call(self, peer: Peer, method: str, target: str, body: bytes = b"") -> dict:
+        """A small signed request with a signed msgpack answer; non-200 is PeerRefused."""
+        async def attempt(address: str) -> dict:
+            nonce = os.urandom(16)
+            headers = auth.sign_request(self.identity, method=method, target=target,
+                                        callee=parse_node_id(peer.node_id), body_digest=auth.digest(body),
+                                        now_ms=auth.now_ms(), nonce=nonce)
+            with map_exceptions(address):
+                async with self._http().request(method, address.rstrip("/") + target, data=body or None,
+                                                headers=headers) as resp:
+                    raw = await resp.content.read(MAX_ANSWER + 1)
+                    status, resp_headers = resp.status, resp.headers
+            answer = self._answer(peer, nonce, status, raw, resp_headers)
+            if status != 200:
+                raise PeerRefused(f"{peer.node_id} refused: {answer.get('error', status)}", status)
+            return answer
+        return await self._each_address(peer, attempt)
+
+    async def push_batch(self, peer: Peer, items: list[tuple[int, bytes, bytes]]) -> dict:
+        body = wire.pack({"items": [{"seq": s, "head": h, "body": b} for s, h, b in items]})
+        return await self.call(peer, "POST", "/v1/batch", body)
+
+    async def fetch_outbox(self, peer: Peer, since: int, limit: int = 500) -> dict:
+        return await self.call(peer, "GET", f"/v1/outbox?since={since}&limit={limit}")
+
+    async def send_ack(self, peer: Peer, ack: dict) -> dict:
+        return await self.call(peer, "POST", "/v1/acks", wire.pack(ack))
+
+    async def send_receipts(self, peer: Peer, receipts: list[bytes]) -> dict:
+        return await self.call(peer, "POST", "/v1/receipts", wire.pack({"receipts": receipts}))
+
+    async def download_body(self, peer: Peer, record_id: str, offset: int) -> AsyncIterator[bytes]:
+        """Stream a record's ciphertext from `offset`; integrity comes from the signed head."""
+        if not peer.addresses:
+            raise PeerUnreachable("no known address for this contact")
+        target = f"/v1/records/{record_id}/body?offset={offset}"
+        address = peer.addresses[0]
+        nonce = os.urandom(16)
+        headers = auth.sign_request(self.identity, method="GET", target=target, callee=parse_node_id(peer.node_id),
+                                    body_digest=auth.digest(b""), now_ms=auth.now_ms(), nonce=nonce)
+        with map_exceptions(address):
+            async with self._http().get(address.rstrip("/") + target, headers=headers) as resp:
+                if resp.status != 200:
+                    raw = await resp.content.read(MAX_ANSWER + 1)
+                    answer = self._answer(peer, nonce, resp.status, raw, resp.headers)
+                    raise PeerRefused(f"{peer.node_id} refused: {answer.get('error', resp.status)}", resp.status)
+                async for piece in resp.content.iter_chunked(1 << 20):
+                    yield piece
+
+    async def push_record(self, peer: Peer, record_id: str, head_raw: bytes, body_size: int,
+                          read_from: Callable[[int], AsyncIterator[bytes]],
+                          progress: Callable[[int], None] | None = None, seq: int | None = None) -> dict:
+        """Upload a record; resume from the offset the peer says it has. Returns the peer's answer."""
+        return await self._each_address(peer, lambda address: self._push_to(
+            address, peer, record_id, head_raw, body_size, read_from, progress, seq))
+
+    async def _push_to(self, address, peer, record_id, head_raw, body_size, read_from, progress, seq) -> dict:
         offset = 0
         if body_size > RESUME_PROBE:
             # Ask first, so an interrupted upload resumes instead of starting again.
@@ -102,7 +156,7 @@ class Client:
                 return status | {"status": "duplicate"}
             offset = status.get("have", 0) if isinstance(status.get("have"), int) else 0
         for _ in range(3):
-            status, answer = await self._put(address, peer, record_id, head_raw, offset, read_from, progress)
+            status, answer = await self._put(address, peer, record_id, head_raw, offset, read_from, progress, seq)
             if status == 409 and isinstance(answer.get("have"), int) and 0 <= answer["have"] <= body_size:
                 offset = answer["have"]          # the peer kept a partial upload: send only the rest
                 continue
@@ -125,8 +179,8 @@ class Client:
             raise PeerRefused(f"{peer.node_id} refused: {answer.get('error', status)}", status)
         return answer
 
-    async def _put(self, address, peer, record_id, head_raw, offset, read_from, progress) -> tuple[int, dict]:
-        target = f"/v1/records/{record_id}?offset={offset}"
+    async def _put(self, address, peer, record_id, head_raw, offset, read_from, progress, seq) -> tuple[int, dict]:
+        target = f"/v1/records/{record_id}?offset={offset}" + (f"&seq={seq}" if seq is not None else "")
         nonce = os.urandom(16)
         headers = auth.sign_request(self.identity, method="PUT", target=target, callee=parse_node_id(peer.node_id),
                                     body_digest=auth.digest(head_raw), now_ms=auth.now_ms(), nonce=nonce)
@@ -149,6 +203,8 @@ class Client:
         return status, self._answer(peer, nonce, status, raw, resp_headers)
 
     def _answer(self, peer: Peer, nonce: bytes, status: int, raw: bytes, headers) -> dict:
+        if len(raw) > MAX_ANSWER:
+            raise RemoteProtocolError(f"answer from {peer.node_id} is over {MAX_ANSWER >> 20} MiB")
         if auth.H_SIG not in headers and status >= 400:
             # Refused before our handler ran (e.g. by aiohttp itself): nothing to trust but the status.
             raise PeerRefused(f"{peer.node_id} refused the request (HTTP {status})", status)

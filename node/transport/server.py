@@ -6,15 +6,19 @@ authenticated request. Only the public descriptor is served without
 authentication. The server never touches the store: node.py supplies the
 Handler that does.
 
-    GET /v1/descriptor                 the signed descriptor (public)
-    PUT /v1/records/{id}?offset=N      upload a record: [u32 head length][head][ciphertext from N]
-    GET /v1/records/{id}/status        how much of a record the callee already has (for resuming)
+    GET  /v1/descriptor                       the signed descriptor (public)
+    PUT  /v1/records/{id}?offset=N&seq=S      push one record: [u32 head length][head][ciphertext from N]
+    GET  /v1/records/{id}/status              how much of a record the callee already has (for resuming)
+    POST /v1/batch                            push many small records in one request
+    GET  /v1/outbox?since=N                   pull: what the callee has queued for the caller after N
+    GET  /v1/records/{id}/body?offset=N       pull: a record's ciphertext, streamed
+    POST /v1/acks                             pull: the caller has committed up to N (and these)
+    POST /v1/receipts                         signed "opened" receipts for records the callee sent
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
@@ -30,6 +34,7 @@ from . import auth
 
 log = logging.getLogger("cabinet.server")
 MAX_SMALL_BODY = 1 << 20
+MAX_BATCH_BODY = 9 << 20
 MSGPACK = "application/msgpack"
 _RECORD_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -51,6 +56,16 @@ class Handler(Protocol):
                              body: AsyncIterator[bytes]) -> Answer: ...
 
     async def record_status(self, caller: str, record_id: str) -> Answer: ...
+
+    async def receive_batch(self, caller: str, items: list[tuple[int | None, bytes, bytes]]) -> Answer: ...
+
+    async def outbox_for(self, caller: str, since: int, limit: int) -> Answer: ...
+
+    async def body_for(self, caller: str, record_id: str, offset: int) -> tuple[int, AsyncIterator[bytes]]: ...
+
+    async def receive_ack(self, caller: str, ack: dict) -> Answer: ...
+
+    async def receive_receipts(self, caller: str, receipts: list[bytes]) -> Answer: ...
 
 
 HANDLER = web.AppKey("handler", Handler)
@@ -112,16 +127,39 @@ async def get_descriptor(request: web.Request) -> web.Response:
     return web.Response(body=request.app[HANDLER].descriptor_bytes(), content_type="application/x-cabinet-descriptor")
 
 
-async def put_record(request: web.Request) -> web.Response:
+def _record_id(request: web.Request) -> str:
     record_id = request.match_info["id"]
     if not _RECORD_ID.match(record_id):
         raise NotFound("no such record path")
+    return record_id
+
+
+def _int_query(request: web.Request, name: str, default: int | None) -> int | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
     try:
-        offset = int(request.query.get("offset", "0"))
+        value = int(raw)
     except ValueError:
-        raise RemoteProtocolError("offset must be an integer") from None
-    if offset < 0:
-        raise RemoteProtocolError("offset must not be negative")
+        raise RemoteProtocolError(f"{name} must be an integer") from None
+    if value < 0:
+        raise RemoteProtocolError(f"{name} must not be negative")
+    return value
+
+
+async def _small_body(request: web.Request, limit: int = MAX_SMALL_BODY) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise TooLarge(f"request body over {limit} bytes")
+    body = await request.content.read(limit + 1)
+    if len(body) > limit:
+        raise TooLarge(f"request body over {limit} bytes")
+    return body
+
+
+async def put_record(request: web.Request) -> web.Response:
+    record_id = _record_id(request)
+    offset = _int_query(request, "offset", 0)
+    seq = _int_query(request, "seq", None)
     try:
         n = int.from_bytes(await request.content.readexactly(4), "big")
         if n > MAX_HEAD:
@@ -130,15 +168,71 @@ async def put_record(request: web.Request) -> web.Response:
     except EOFError:
         raise RemoteProtocolError("body ended before the envelope head") from None
     caller = await authenticate(request, head_raw)
-    answer = await request.app[HANDLER].receive_record(caller, record_id, head_raw, offset, _body(request))
+    answer = await request.app[HANDLER].receive_record(caller, record_id, head_raw, offset, seq, _body(request))
+    return _encode(request, answer.status, answer.body)
+
+
+async def post_batch(request: web.Request) -> web.Response:
+    raw = await _small_body(request, MAX_BATCH_BODY)
+    caller = await authenticate(request, raw)
+    msg = wire.unpack(raw, max_size=MAX_BATCH_BODY, what="batch")
+    items = wire.field(msg, "items", list, what="batch")
+    if len(items) > 500:
+        raise TooLarge("at most 500 records per batch")
+    parsed = []
+    for it in items:
+        wire.only_fields(it, {"seq", "head", "body"}, what="batch item")
+        parsed.append((wire.field(it, "seq", int, what="batch item", optional=True),
+                       wire.field(it, "head", bytes, what="batch item", max_len=MAX_HEAD),
+                       wire.field(it, "body", bytes, what="batch item")))
+    answer = await request.app[HANDLER].receive_batch(caller, parsed)
+    return _encode(request, answer.status, answer.body)
+
+
+async def get_outbox(request: web.Request) -> web.Response:
+    caller = await authenticate(request, await _small_body(request))
+    since = _int_query(request, "since", 0)
+    limit = min(_int_query(request, "limit", 500), 500)
+    answer = await request.app[HANDLER].outbox_for(caller, since, limit)
+    return _encode(request, answer.status, answer.body)
+
+
+async def get_record_body(request: web.Request) -> web.StreamResponse:
+    record_id = _record_id(request)
+    caller = await authenticate(request, await _small_body(request))
+    offset = _int_query(request, "offset", 0)
+    size, pieces = await request.app[HANDLER].body_for(caller, record_id, offset)
+    # Not signed as a whole: the bytes are bound by the signed envelope head's digest.
+    resp = web.StreamResponse(status=200, headers={"Content-Type": "application/octet-stream"})
+    resp.content_length = size - offset
+    await resp.prepare(request)
+    async for piece in pieces:
+        await resp.write(piece)
+    await resp.write_eof()
+    return resp
+
+
+async def post_acks(request: web.Request) -> web.Response:
+    raw = await _small_body(request)
+    caller = await authenticate(request, raw)
+    answer = await request.app[HANDLER].receive_ack(caller, wire.unpack(raw, what="ack"))
+    return _encode(request, answer.status, answer.body)
+
+
+async def post_receipts(request: web.Request) -> web.Response:
+    raw = await _small_body(request)
+    caller = await authenticate(request, raw)
+    msg = wire.unpack(raw, what="receipts")
+    receipts = wire.field(msg, "receipts", list, what="receipts")
+    if len(receipts) > 1000 or not all(isinstance(r, bytes) for r in receipts):
+        raise RemoteProtocolError("receipts: malformed list")
+    answer = await request.app[HANDLER].receive_receipts(caller, receipts)
     return _encode(request, answer.status, answer.body)
 
 
 async def get_record_status(request: web.Request) -> web.Response:
-    record_id = request.match_info["id"]
-    if not _RECORD_ID.match(record_id):
-        raise NotFound("no such record path")
-    caller = await authenticate(request, await request.read())
+    record_id = _record_id(request)
+    caller = await authenticate(request, await _small_body(request))
     answer = await request.app[HANDLER].record_status(caller, record_id)
     return _encode(request, answer.status, answer.body)
 
@@ -149,12 +243,17 @@ async def _body(request: web.Request) -> AsyncIterator[bytes]:
 
 
 def make_app(handler: Handler) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_SMALL_BODY)
+    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BATCH_BODY)
     app[HANDLER] = handler
     app[GUARD] = auth.ReplayGuard()
     app.router.add_get("/v1/descriptor", get_descriptor)
     app.router.add_put("/v1/records/{id}", put_record)
     app.router.add_get("/v1/records/{id}/status", get_record_status)
+    app.router.add_get("/v1/records/{id}/body", get_record_body)
+    app.router.add_post("/v1/batch", post_batch)
+    app.router.add_get("/v1/outbox", get_outbox)
+    app.router.add_post("/v1/acks", post_acks)
+    app.router.add_post("/v1/receipts", post_receipts)
     return app
 
 
@@ -180,6 +279,3 @@ class Server:
     async def stop(self) -> None:
         await self._runner.cleanup()
 
-
-def random_nonce() -> bytes:
-    return os.urandom(16)

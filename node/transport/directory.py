@@ -1,0 +1,231 @@
+"""Client of the bootstrap directory API (docs/bootstrap.md): announce, look up, search.
+
+A bootstrap is not trusted: every descriptor it returns is verified here
+(signature, self-certifying ID, expiry) and checked against the question
+(the node ID asked, a sequence number already known). A bad answer from one
+bootstrap is an error for that bootstrap only; the `*_any` helpers ask each
+of several and keep the best valid answer, so one bootstrap that withholds,
+rolls back or forges changes nothing as long as another answers honestly.
+
+aiohttp's exceptions become PeerUnreachable, PeerTimeout or PeerRefused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Iterable, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+
+from .. import wire
+from ..errors import CabinetError, PeerRefused, PeerUnreachable, RemoteProtocolError, UsageError
+from ..identity import MAX_DESCRIPTOR, Descriptor, normalize_node_id
+from .client import map_exceptions
+
+MSGPACK = "application/msgpack"
+MAX_ANSWER = 2 << 20
+TIMEOUT = aiohttp.ClientTimeout(total=20, connect=5)
+T = TypeVar("T")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _base(url: str) -> str:
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"a bootstrap address starts with http:// or https:// (got {url[:60]!r})")
+    return url.rstrip("/")
+
+
+async def _call(session: aiohttp.ClientSession, method: str, url: str, path: str, *, data: bytes | None = None,
+                params: dict | None = None, timeout: aiohttp.ClientTimeout = TIMEOUT) -> tuple[int, bytes]:
+    base = _base(url)
+    headers = {"Content-Type": MSGPACK} if data is not None else None
+    with map_exceptions(base):
+        async with session.request(method, base + path, data=data, params=params, headers=headers,
+                                   timeout=timeout) as resp:
+            raw = await resp.content.read(MAX_ANSWER + 1)
+            status = resp.status
+    if len(raw) > MAX_ANSWER:
+        raise RemoteProtocolError(f"{base}: answer over {MAX_ANSWER} bytes")
+    return status, raw
+
+
+def _error(url: str, status: int, raw: bytes, doing: str) -> PeerRefused:
+    try:
+        answer = wire.unpack(raw, max_size=MAX_ANSWER, what="answer")
+        reason = answer.get("error") if isinstance(answer, dict) else None
+    except CabinetError:
+        reason = None
+    reason = reason if isinstance(reason, str) else f"HTTP {status}"
+    return PeerRefused(f"{_base(url)} refused to {doing}: {reason[:200]}", status)
+
+
+def _map(raw: bytes, url: str) -> dict:
+    answer = wire.unpack(raw, max_size=MAX_ANSWER, what=f"answer from {_base(url)}")
+    if not isinstance(answer, dict):
+        raise RemoteProtocolError(f"answer from {_base(url)}: expected a map")
+    return answer
+
+
+def verified(raw: bytes) -> Descriptor:
+    """Descriptor.from_wire, with the odd malformed shape it lets through as TypeError made an error too."""
+    try:
+        return Descriptor.from_wire(raw)
+    except TypeError:
+        raise RemoteProtocolError("descriptor: malformed") from None
+
+
+def check(d: Descriptor, *, node_id: str | None = None, min_seq: int = 0, now: int | None = None) -> Descriptor:
+    """Refuse a verified descriptor that is not the one asked for, expired, or older than known."""
+    if node_id is not None and d.node_id != node_id:
+        raise RemoteProtocolError("the bootstrap answered with another node's descriptor")
+    if d.expired(now_ms() if now is None else now):
+        raise RemoteProtocolError(f"descriptor of {d.node_id} has expired")
+    if d.seq < min_seq:
+        raise RemoteProtocolError(f"descriptor of {d.node_id} is older (seq {d.seq}) than the one known ({min_seq})")
+    return d
+
+
+# --- one bootstrap --------------------------------------------------------------------
+
+async def announce(session: aiohttp.ClientSession, url: str, descriptor_bytes: bytes) -> dict:
+    """Publish a signed descriptor. Returns the answer ({"status": "stored" | "unchanged", "seq": n})."""
+    check(verified(descriptor_bytes))          # never send what the bootstrap must refuse
+    status, raw = await _call(session, "POST", url, "/v1/announce", data=bytes(descriptor_bytes))
+    if status != 200:
+        raise _error(url, status, raw, "store the descriptor")
+    return _map(raw, url)
+
+
+async def lookup(session: aiohttp.ClientSession, url: str, node_id: str, *, min_seq: int = 0,
+                 now: int | None = None) -> Descriptor | None:
+    """The verified descriptor of `node_id`, None if this bootstrap does not know it.
+
+    Raises (RemoteProtocolError, InvalidSignature, ...) if the bootstrap answers with a
+    descriptor that does not verify, is for another node, is expired or older than `min_seq`.
+    """
+    node_id = normalize_node_id(node_id)
+    status, raw = await _call(session, "GET", url, "/v1/nodes/" + quote(node_id))
+    if status == 404:
+        return None
+    if status != 200:
+        raise _error(url, status, raw, "look up a node")
+    if len(raw) > MAX_DESCRIPTOR:
+        raise RemoteProtocolError("descriptor over the size limit")
+    return check(verified(raw), node_id=node_id, min_seq=min_seq, now=now)
+
+
+async def search(session: aiohttp.ClientSession, url: str, query: str, *, now: int | None = None) -> list[Descriptor]:
+    """Descriptors matching every word of `query`; any that fail to verify are dropped."""
+    status, raw = await _call(session, "GET", url, "/v1/search", params={"q": query})
+    if status != 200:
+        raise _error(url, status, raw, "search")
+    items = _map(raw, url).get("items")
+    if not isinstance(items, list):
+        raise RemoteProtocolError(f"answer from {_base(url)}: expected a list of descriptors")
+    found: dict[str, Descriptor] = {}
+    for item in items:
+        try:
+            d = check(verified(item), now=now)
+        except CabinetError:
+            continue
+        if d.node_id not in found or found[d.node_id].seq < d.seq:
+            found[d.node_id] = d
+    return list(found.values())
+
+
+@dataclass(frozen=True, slots=True)
+class SyncPage:
+    db: bytes              # the peer's database ID: a new one means start again from 0
+    items: list[bytes]     # signed descriptors, NOT verified here: the receiving store verifies each
+    last: int
+    more: bool
+
+
+async def sync_page(session: aiohttp.ClientSession, url: str, since: int, *, limit: int = 500,
+                    wait: float = 0) -> SyncPage:
+    """One page of a bootstrap's changes after `since` (long-polls up to `wait` seconds if none)."""
+    timeout = aiohttp.ClientTimeout(total=wait + 30, connect=5)
+    params = {"since": str(since), "limit": str(limit), "wait": str(int(wait))}
+    status, raw = await _call(session, "GET", url, "/v1/sync", params=params, timeout=timeout)
+    if status != 200:
+        raise _error(url, status, raw, "send its changes")
+    answer = _map(raw, url)
+    what = f"sync page from {_base(url)}"
+    items = wire.field(answer, "items", list, what=what)
+    if not all(isinstance(i, bytes) for i in items):
+        raise RemoteProtocolError(f"{what}: items must be signed descriptors")
+    return SyncPage(db=wire.field(answer, "db", bytes, what=what, size=16), items=items,
+                    last=wire.field(answer, "last", int, what=what), more=bool(answer.get("more")))
+
+
+# --- several bootstraps ----------------------------------------------------------------
+
+async def _each(urls: Iterable[str], session: aiohttp.ClientSession | None,
+                fn: Callable[[aiohttp.ClientSession, str], Awaitable[T]]) -> list[T | CabinetError]:
+    urls = list(urls)
+    if not urls:
+        raise UsageError("no bootstrap server configured")
+    own = session is None
+    session = session or aiohttp.ClientSession()
+    try:
+        async def one(url: str) -> T | CabinetError:
+            try:
+                return await fn(session, url)
+            except CabinetError as exc:
+                return exc
+        return list(await asyncio.gather(*(one(u) for u in urls)))
+    finally:
+        if own:
+            await session.close()
+
+
+def _all_failed(results: list, doing: str) -> CabinetError:
+    errors = [r for r in results if isinstance(r, CabinetError)]
+    if len(errors) == 1:
+        return errors[0]
+    return PeerUnreachable(f"no bootstrap could {doing} ({len(errors)} tried; first: {errors[0]})")
+
+
+async def announce_all(urls: Iterable[str], descriptor_bytes: bytes, *,
+                       session: aiohttp.ClientSession | None = None) -> dict[str, dict | CabinetError]:
+    """Announce to each bootstrap; returns each one's answer or error. One accepting is enough."""
+    urls = list(urls)
+    check(verified(descriptor_bytes))
+    results = await _each(urls, session, lambda s, u: announce(s, u, descriptor_bytes))
+    return dict(zip(urls, results))
+
+
+async def lookup_any(urls: Iterable[str], node_id: str, *, session: aiohttp.ClientSession | None = None,
+                     min_seq: int = 0, now: int | None = None) -> Descriptor | None:
+    """Ask every bootstrap; the valid answer with the highest seq wins, bad answers are ignored.
+
+    None if no bootstrap knows the node; raises only if none gave a usable answer at all.
+    """
+    node_id = normalize_node_id(node_id)
+    results = await _each(urls, session, lambda s, u: lookup(s, u, node_id, min_seq=min_seq, now=now))
+    found = [r for r in results if isinstance(r, Descriptor)]
+    if found:
+        return max(found, key=lambda d: d.seq)
+    if any(r is None for r in results):
+        return None
+    raise _all_failed(results, "answer the lookup")
+
+
+async def search_any(urls: Iterable[str], query: str, *, session: aiohttp.ClientSession | None = None,
+                     now: int | None = None) -> list[Descriptor]:
+    """Search every bootstrap; merge the verified results (highest seq per node)."""
+    results = await _each(urls, session, lambda s, u: search(s, u, query, now=now))
+    lists = [r for r in results if isinstance(r, list)]
+    if not lists:
+        raise _all_failed(results, "search")
+    found: dict[str, Descriptor] = {}
+    for d in (d for lst in lists for d in lst):
+        if d.node_id not in found or found[d.node_id].seq < d.seq:
+            found[d.node_id] = d
+    return sorted(found.values(), key=lambda d: (d.name.casefold(), d.node_id))
