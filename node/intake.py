@@ -119,7 +119,9 @@ class Intake:
                 return Outcome("offset", have=have)
             free = await asyncio.to_thread(lambda: shutil.disk_usage(node.folder).free)
             if free < (h.body_size - have) + DISK_MARGIN:
-                raise StoreError("not enough disk space for this record; try again later")
+                exc = StoreError("not enough disk space for this record; try again later")
+                await self.refused(rid, sender, exc)
+                raise exc
             inbound = await self._run(blobstore.Inbound, node.blobs.incoming_path(rid), h, key)
             try:
                 await self._pump(inbound, body)
