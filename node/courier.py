@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, AsyncIterator
 
 from .errors import CabinetError, InvalidEnvelope, InvalidSignature, RemoteProtocolError, TransportError
 from .identity import Descriptor
-from .intake import ack_from_wire, check_receipt
+from .intake import ack_from_wire, ack_wire, check_receipt
 from .store import blobs as blobstore
 from .store import records
 from .sync import outbox
-from .sync.stream import Batch, Fetch, Offer, RecipientStream, SenderStream
+from .sync.stream import Batch, Offer, RecipientStream, SenderStream
 from .transport.client import Peer
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("cabinet.courier")
 MAX_BATCH_ITEMS = 500
 MAX_BATCH_BYTES = 8 << 20
+HEAD_ALLOWANCE = 4096            # an envelope head with its key slots, rounded up
 PULL_INTERVAL = 30.0
 FAILURES = (TransportError, InvalidSignature, RemoteProtocolError, InvalidEnvelope)
 
@@ -188,15 +189,19 @@ class Courier(_Loop):
             log.info("%d record(s) delivered to %s", len(done), recipient)
 
     async def _failed(self, recipient: str, rows: list[dict], why: str) -> None:
+        still = await self.node.store.call(records.pending_for, recipient)
+        rows = [d for d in rows if d["seq"] in still]     # some may have been delivered meanwhile
         for d in rows:
-            f = outbox.after_failure(state=outbox.SENDING, attempts=d["attempts"], queued_at=d["created"],
+            state = outbox.SENDING if d["body_size"] > blobstore.INLINE_MAX else outbox.QUEUED
+            f = outbox.after_failure(state=state, attempts=d["attempts"], queued_at=d["created"],
                                      now=_now(), jitter=self._rng.random())
             fields = dict(state=f.state, attempts=f.attempts, next_try=f.next_try, last_error=why[:300])
             if f.stale and not d.get("stale"):
                 fields["stale"] = 1
                 log.warning("record %s to %s: not delivered for %d days; still trying", d["record_id"], recipient,
                             (_now() - d["created"]) // 86_400_000)
-            await self.node.store.call(records.update_delivery, d["record_id"], recipient, now=_now(), **fields)
+            await self.node.store.call(records.update_delivery, d["record_id"], recipient, now=_now(),
+                                       unless_delivered=True, **fields)
         log.info("%d record(s) to %s still queued: %s", len(rows), recipient, why)
 
     async def _flush_receipts(self) -> None:
@@ -253,11 +258,12 @@ def _units(rows: list[dict]) -> list[list[dict]]:
                 run, size = [], 0
             units.append([d])
             continue
-        if len(run) >= MAX_BATCH_ITEMS or size + d["body_size"] > MAX_BATCH_BYTES:
+        weight = d["body_size"] + HEAD_ALLOWANCE
+        if run and (len(run) >= MAX_BATCH_ITEMS or size + weight > MAX_BATCH_BYTES):
             units.append(run)
             run, size = [], 0
         run.append(d)
-        size += d["body_size"]
+        size += weight
     if run:
         units.append(run)
     return units
@@ -299,31 +305,50 @@ class Puller(_Loop):
             log.info("pull from %s failed (%s); next try in %.0f s", node_id, exc, max(delay, self.interval))
 
     async def pull_from(self, contact: dict) -> int:
-        """Fetch everything `contact` has queued for us; returns how many records were new."""
+        """Fetch everything `contact` has queued for us; returns how many records were new.
+
+        While one batch is verified and committed, the next is already being
+        fetched (asked with after=its last seq, so nothing is listed twice).
+        """
         node_id = contact["node_id"]
         if node_id in self._active:
             return 0
         self._active.add(node_id)
+        fetch: asyncio.Future | None = None
         try:
             await send_receipts(self.node, node_id)
             peer, total = peer_of(contact), 0
-            while True:
-                new, more = await self._one_batch(peer)
-                total += new
-                if not more:
-                    return total
+            start = await self.node.store.call(records.stream_in, node_id)
+            after = start.upto
+            fetch = asyncio.ensure_future(self.node.client.fetch_outbox(peer, start.upto, MAX_BATCH_ITEMS, after))
+            while fetch is not None:
+                answer = await fetch
+                fetch = None
+                items = _batch_items(answer)
+                if len(items) >= MAX_BATCH_ITEMS:
+                    after = items[-1]["seq"]
+                    fetch = asyncio.ensure_future(
+                        self.node.client.fetch_outbox(peer, start.upto, MAX_BATCH_ITEMS, after))
+                total += await self._take(peer, answer, items)
+            final = await self.node.store.call(records.stream_in, node_id)
+            await self.node.client.send_ack(peer, ack_wire(final))
+            if total:
+                log.info("pulled %d record(s) from %s", total, node_id)
+            return total
         finally:
+            if fetch is not None:
+                fetch.cancel()
             self._active.discard(node_id)
 
-    async def _one_batch(self, peer: Peer) -> tuple[int, bool]:
+    async def _take(self, peer: Peer, answer: dict, items: list[dict]) -> int:
+        """Commit what one outbox answer lists and we do not have yet."""
         node, sender = self.node, peer.node_id
         ack = await node.store.call(records.stream_in, sender)
-        answer = await node.client.fetch_outbox(peer, ack.upto, MAX_BATCH_ITEMS)
-        items = _batch_items(answer)
-        batch = Batch(prev=answer.get("prev", -1), last=answer.get("last", -1),
-                      items=tuple(Offer(seq=i["seq"], record_id=i["id"]) for i in items))
-        wanted = {f.offer.seq for f in RecipientStream(ack.upto, set(ack.have)).on_batch(batch)
-                  if isinstance(f, Fetch)}
+        prev, last = answer.get("prev"), answer.get("last")
+        if not isinstance(prev, int) or not isinstance(last, int):
+            raise RemoteProtocolError("outbox answer: prev and last must be integers")
+        batch = Batch(prev=prev, last=last, items=tuple(Offer(seq=i["seq"], record_id=i["id"]) for i in items))
+        wanted = {f.offer.seq for f in RecipientStream(ack.upto, set(ack.have)).on_batch(batch, after=batch.prev)}
         small = [(i["seq"], i["head"], i["body"]) for i in items if i["seq"] in wanted and i["body"] is not None]
         new = 0
         if small:
@@ -332,11 +357,7 @@ class Puller(_Loop):
         for i in items:
             if i["seq"] in wanted and i["body"] is None:
                 new += await self._download(peer, i)
-        final = await node.store.call(records.stream_in, sender)
-        await node.client.send_ack(peer, {"upto": final.upto, "have": list(final.have)})
-        if new:
-            log.info("pulled %d record(s) from %s", new, sender)
-        return new, len(items) >= MAX_BATCH_ITEMS and final.upto > ack.upto
+        return new
 
     async def _download(self, peer: Peer, item: dict) -> int:
         intake = self.node.intake

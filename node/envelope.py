@@ -130,8 +130,11 @@ class Header:
 
     @classmethod
     def from_wire(cls, raw: bytes) -> "Header":
+        return cls.from_decoded(wire.unpack(raw, max_size=MAX_HEAD, what="envelope header"))
+
+    @classmethod
+    def from_decoded(cls, h: object) -> "Header":
         what = "envelope header"
-        h = wire.unpack(raw, max_size=MAX_HEAD, what=what)
         version = wire.field(h, "v", int, what=what)
         if version != VERSION:
             shown = version if 0 <= version < 1000 else "?"
@@ -190,12 +193,13 @@ class Head:
         hraw = wire.field(outer, "h", bytes, what="envelope")
         sig = wire.field(outer, "sig", bytes, what="envelope", size=64)
         # Signature first, on the raw bytes; only then is the content looked at.
-        sk = _peek_sender_key(hraw)
+        decoded = wire.unpack(hraw, max_size=MAX_HEAD, what="envelope header")
+        sk = wire.field(decoded, "sk", bytes, what="envelope header", size=32)
         try:
             crypto.verify(sk, "envelope", hraw, sig)
         except Exception:
             raise InvalidEnvelope() from None
-        header = Header.from_wire(hraw)
+        header = Header.from_decoded(decoded)
         if header.sender != node_id_bytes(header.sender_key):
             raise InvalidEnvelope()
         return cls(header, bytes(raw))
@@ -213,13 +217,6 @@ class Head:
                     raise InvalidEnvelope()
                 return key
         raise InvalidEnvelope()
-
-
-def _peek_sender_key(hraw: bytes) -> bytes:
-    h = wire.unpack(hraw, max_size=MAX_HEAD, what="envelope header")
-    if not isinstance(h, dict):
-        raise RemoteProtocolError("envelope header: expected a map")
-    return wire.field(h, "sk", bytes, what="envelope header", size=32)
 
 
 # --- manifest --------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 from dataclasses import dataclass, field, replace
 
@@ -42,6 +43,7 @@ def node_id_bytes(sign_public: bytes) -> bytes:
     return hashlib.sha256(b"cabinet/node-id\0" + sign_public).digest()[:ID_BYTES]
 
 
+@functools.lru_cache(maxsize=4096)
 def format_node_id(raw: bytes) -> str:
     """20 raw bytes -> 'ABCD-EFGH-...-WXYZ-C' (eight groups and a check character)."""
     if len(raw) != ID_BYTES:

@@ -52,8 +52,12 @@ def check_receipt(raw: bytes, sign_key: bytes, record_id: str | None = None) -> 
     return {"record": rid, "status": body["status"], "at": wire.field(body, "at", int, what="receipt")}
 
 
+MAX_HAVE = 1000
+
+
 def ack_wire(ack: Ack) -> dict:
-    return {"upto": ack.upto, "have": list(ack.have)}
+    # Only the lowest MAX_HAVE above the cursor: the rest are acked again later (duplicates are cheap).
+    return {"upto": ack.upto, "have": list(ack.have[:MAX_HAVE])}
 
 
 def ack_from_wire(obj: object) -> Ack:
@@ -125,12 +129,14 @@ class Intake:
             inbound = await self._run(blobstore.Inbound, node.blobs.incoming_path(rid), h, key)
             try:
                 await self._pump(inbound, body)
+                log.info("record %s: %d body bytes received from offset %d", rid, inbound.size - have, have)
             except (InvalidEnvelope, StoreError) as exc:
                 await self._discard(inbound, rid, sender, exc)
                 raise
             except BaseException:
                 # The other side went away mid-transfer: keep what arrived, for resuming.
                 await asyncio.shield(self._run(inbound.close))
+                log.info("record %s: %d body bytes received from offset %d", rid, inbound.size - have, have)
                 log.info("record %s: transfer interrupted at %d of %d bytes", rid, inbound.size, h.body_size)
                 raise
             if not inbound.complete:

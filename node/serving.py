@@ -88,12 +88,12 @@ class NodeHandler:
 
     # --- our outbox, pulled by its recipients -------------------------------------
 
-    async def outbox_for(self, caller: str, since: int, limit: int) -> Answer:
+    async def outbox_for(self, caller: str, since: int, limit: int, after: int = 0) -> Answer:
         store = self.node.store
         pending = await store.call(records.pending_for, caller)
         stream = SenderStream(pending, await store.call(records.last_seq, caller))
         retired = sorted(s for s in pending if s <= since)
-        batch = stream.on_want(Want(since=since), limit)
+        batch = stream.on_want(Want(since=since, after=after), limit)
         if retired:   # the caller's cursor says it has these: they are delivered
             await store.call(records.retire, caller, retired, now=_now())
         rows = await store.call(records.outgoing, caller, [o.seq for o in batch.items])

@@ -45,11 +45,36 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise ValueError("extension types are not allowed")
 
 
-def _no_duplicates(pairs: list[tuple[Any, Any]]) -> dict:
-    d = dict(pairs)
-    if len(d) != len(pairs):
-        raise ValueError("duplicate map key")
-    return d
+def _sorted_map(pairs: list[tuple[Any, Any]]) -> dict:
+    """Called by msgpack for every map: keys must be str, unique and in canonical order."""
+    prev = None
+    for key, _ in pairs:
+        if not isinstance(key, str):
+            raise ValueError("map keys must be strings")
+        raw = key.encode("utf-8")
+        if prev is not None and raw <= prev:
+            raise ValueError("map keys duplicated or out of order")
+        prev = raw
+    return dict(pairs)
+
+
+_LEAVES = frozenset({type(None), bool, int, str, bytes})
+
+
+def _check_types(obj: Any, depth: int = 0) -> None:
+    if depth > MAX_DEPTH:
+        raise ValueError("nested too deeply")
+    t = type(obj)
+    if t in _LEAVES:
+        return
+    if t is list:
+        for x in obj:
+            _check_types(x, depth + 1)
+    elif t is dict:
+        for x in obj.values():
+            _check_types(x, depth + 1)
+    else:
+        raise ValueError(f"type {t.__name__} is not allowed on the wire")
 
 
 def unpack(data: bytes, *, max_size: int = 1 << 20, what: str = "message") -> Any:
@@ -63,12 +88,16 @@ def unpack(data: bytes, *, max_size: int = 1 << 20, what: str = "message") -> An
             bytes(data),
             raw=False,
             strict_map_key=True,
-            object_pairs_hook=_no_duplicates,
+            object_pairs_hook=_sorted_map,
             ext_hook=_refuse_ext,
             timestamp=0,
             use_list=True,
         )
-        if pack(obj) != bytes(data):
+        _check_types(obj)
+        # Maps were checked in order as they were read, so re-encoding in that
+        # order must give the same bytes: this catches non-shortest integers,
+        # str/bin mix-ups and any other second spelling of the same value.
+        if msgpack.packb(obj, use_bin_type=True) != bytes(data):
             raise ValueError("not in canonical form")
     except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData, RecursionError) as exc:
         raise RemoteProtocolError(f"{what}: malformed or damaged") from None

@@ -316,11 +316,12 @@ def next_due(db: sqlite_utils.Database) -> int | None:
 
 
 def update_delivery(db: sqlite_utils.Database, record_id: str, recipient: str, *, now: int,
-                    event: str | None = None, **fields) -> None:
+                    event: str | None = None, unless_delivered: bool = False, **fields) -> None:
     fields["updated"] = now
     cols = ", ".join(f"{k} = ?" for k in fields)
+    guard = " AND state != 'delivered'" if unless_delivered else ""
     with transaction(db):
-        db.conn.execute(f"UPDATE deliveries SET {cols} WHERE record_id = ? AND recipient = ?",
+        db.conn.execute(f"UPDATE deliveries SET {cols} WHERE record_id = ? AND recipient = ?{guard}",
                         [*fields.values(), record_id, recipient])
         if event:
             audit.append(db, at=now, event=event, record=record_id, peer=recipient)

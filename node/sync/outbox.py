@@ -6,8 +6,9 @@ and the events that move between them are a table (as in h11); an event that
 is not allowed in the current state is a LocalProtocolError, i.e. a bug.
 
     queued --AttemptStarted--> sending --RecordAcked--> delivered
-       ^                          |
-       +------AttemptFailed-------+
+       ^  |                       |
+       |  +--RecordAcked (a small record, batched)--------> delivered
+       +------AttemptFailed-------+   (and queued --AttemptFailed--> queued)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ QUEUED, SENDING, DELIVERED = "queued", "sending", "delivered"
 ATTEMPT_STARTED, RECORD_ACKED, ATTEMPT_FAILED = "AttemptStarted", "RecordAcked", "AttemptFailed"
 
 TRANSITIONS: dict[str, dict[str, str]] = {
-    QUEUED: {ATTEMPT_STARTED: SENDING, RECORD_ACKED: DELIVERED},
+    QUEUED: {ATTEMPT_STARTED: SENDING, RECORD_ACKED: DELIVERED, ATTEMPT_FAILED: QUEUED},
     SENDING: {RECORD_ACKED: DELIVERED, ATTEMPT_FAILED: QUEUED, ATTEMPT_STARTED: SENDING},
     DELIVERED: {RECORD_ACKED: DELIVERED},
 }

@@ -45,7 +45,8 @@ class Ack:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Want:
-    since: int
+    since: int           # the recipient's cursor: it has everything up to here
+    after: int = 0       # and is already fetching up to here: list only what comes later
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -100,11 +101,14 @@ class SenderStream:
 
     def on_want(self, want: Want, limit: int = MAX_BATCH) -> Batch:
         """Pull mode: everything after the recipient's cursor that is still pending."""
+        if want.since > self.last or want.after > self.last:
+            raise RemoteProtocolError("want for sequence numbers never sent")
         retire = [s for s in self.pending if s <= want.since]
         for s in retire:                     # the recipient says it has these: they are delivered
             del self.pending[s]
-        items = tuple(Offer(seq=s, record_id=self.pending[s]) for s in sorted(self.pending)[:limit])
-        return Batch(prev=want.since, last=self.last, items=items)
+        start = max(want.since, want.after)
+        items = tuple(Offer(seq=s, record_id=self.pending[s]) for s in sorted(self.pending) if s > start)[:limit]
+        return Batch(prev=start, last=self.last, items=items)
 
     def on_ack(self, ack: Ack) -> Retire:
         if ack.upto > self.last:
@@ -135,9 +139,9 @@ class RecipientStream:
             out.append(Want(since=self.cursor))
         return out
 
-    def on_batch(self, batch: Batch) -> list[Fetch]:
-        if batch.prev > self.cursor:
-            raise RemoteProtocolError("batch starts after our cursor")
+    def on_batch(self, batch: Batch, after: int = 0) -> list[Fetch]:
+        if batch.prev > max(self.cursor, after):
+            raise RemoteProtocolError("batch starts after what we asked for")
         return [Fetch(o) for o in batch.items if not self.has(o.seq)]
 
     def has(self, seq: int) -> bool:

@@ -130,5 +130,20 @@ def verify_response(sign_key: bytes, *, nonce: bytes, status: int, body: bytes, 
         raise AuthenticationFailed("the peer's answer is not signed by the expected node") from None
 
 
+async def read_limited(stream, limit: int) -> bytes:
+    """Read a whole body, but never more than limit + 1 bytes (so the caller can tell it was too big).
+
+    aiohttp's StreamReader.read(n) returns what has arrived so far, not n bytes.
+    """
+    parts, size = [], 0
+    while size <= limit:
+        piece = await stream.read(limit + 1 - size)
+        if not piece:
+            break
+        parts.append(piece)
+        size += len(piece)
+    return b"".join(parts)
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)

@@ -73,7 +73,7 @@ class Client:
             async with self._http().get(url, timeout=aiohttp.ClientTimeout(total=20)) as resp:
                 if resp.status != 200:
                     raise PeerRefused(f"{address} answered {resp.status} instead of a descriptor", resp.status)
-                body = await resp.content.read(64 * 1024 + 1)
+                body = await auth.read_limited(resp.content, 64 * 1024)
         if len(body) > 64 * 1024:
             raise RemoteProtocolError("descriptor too large")
         return body
@@ -101,7 +101,7 @@ class Client:
             with map_exceptions(address):
                 async with self._http().request(method, address.rstrip("/") + target, data=body or None,
                                                 headers=headers) as resp:
-                    raw = await resp.content.read(MAX_ANSWER + 1)
+                    raw = await auth.read_limited(resp.content, MAX_ANSWER)
                     status, resp_headers = resp.status, resp.headers
             answer = self._answer(peer, nonce, status, raw, resp_headers)
             if status != 200:
@@ -113,8 +113,8 @@ class Client:
         body = wire.pack({"items": [{"seq": s, "head": h, "body": b} for s, h, b in items]})
         return await self.call(peer, "POST", "/v1/batch", body)
 
-    async def fetch_outbox(self, peer: Peer, since: int, limit: int = 500) -> dict:
-        return await self.call(peer, "GET", f"/v1/outbox?since={since}&limit={limit}")
+    async def fetch_outbox(self, peer: Peer, since: int, limit: int = 500, after: int = 0) -> dict:
+        return await self.call(peer, "GET", f"/v1/outbox?since={since}&limit={limit}&after={after}")
 
     async def send_ack(self, peer: Peer, ack: dict) -> dict:
         return await self.call(peer, "POST", "/v1/acks", wire.pack(ack))
@@ -134,7 +134,7 @@ class Client:
         with map_exceptions(address):
             async with self._http().get(address.rstrip("/") + target, headers=headers) as resp:
                 if resp.status != 200:
-                    raw = await resp.content.read(MAX_ANSWER + 1)
+                    raw = await auth.read_limited(resp.content, MAX_ANSWER)
                     answer = self._answer(peer, nonce, resp.status, raw, resp.headers)
                     raise PeerRefused(f"{peer.node_id} refused: {answer.get('error', resp.status)}", resp.status)
                 async for piece in resp.content.iter_chunked(1 << 20):
@@ -172,7 +172,7 @@ class Client:
                                     body_digest=auth.digest(b""), now_ms=auth.now_ms(), nonce=nonce)
         with map_exceptions(address):
             async with self._http().get(address.rstrip("/") + target, headers=headers) as resp:
-                raw = await resp.content.read(MAX_ANSWER + 1)
+                raw = await auth.read_limited(resp.content, MAX_ANSWER)
                 status, resp_headers = resp.status, resp.headers
         answer = self._answer(peer, nonce, status, raw, resp_headers)
         if status != 200:
@@ -197,7 +197,7 @@ class Client:
 
         with map_exceptions(address):
             async with self._http().put(address.rstrip("/") + target, data=body(), headers=headers) as resp:
-                raw = await resp.content.read(MAX_ANSWER + 1)
+                raw = await auth.read_limited(resp.content, MAX_ANSWER)
                 status = resp.status
                 resp_headers = resp.headers
         return status, self._answer(peer, nonce, status, raw, resp_headers)

@@ -48,11 +48,22 @@ async def _call(session: aiohttp.ClientSession, method: str, url: str, path: str
     with map_exceptions(base):
         async with session.request(method, base + path, data=data, params=params, headers=headers,
                                    timeout=timeout) as resp:
-            raw = await resp.content.read(MAX_ANSWER + 1)
             status = resp.status
-    if len(raw) > MAX_ANSWER:
-        raise RemoteProtocolError(f"{base}: answer over {MAX_ANSWER} bytes")
+            raw = await _read_all(resp, base)
     return status, raw
+
+
+async def _read_all(resp: aiohttp.ClientResponse, base: str) -> bytes:
+    """The whole body, or an error past MAX_ANSWER (StreamReader.read(n) returns what has arrived so far)."""
+    if (resp.content_length or 0) > MAX_ANSWER:
+        raise RemoteProtocolError(f"{base}: answer over {MAX_ANSWER} bytes")
+    parts, size = [], 0
+    while piece := await resp.content.read(MAX_ANSWER + 1 - size):
+        parts.append(piece)
+        size += len(piece)
+        if size > MAX_ANSWER:
+            raise RemoteProtocolError(f"{base}: answer over {MAX_ANSWER} bytes")
+    return b"".join(parts)
 
 
 def _error(url: str, status: int, raw: bytes, doing: str) -> PeerRefused:
@@ -62,7 +73,8 @@ def _error(url: str, status: int, raw: bytes, doing: str) -> PeerRefused:
     except CabinetError:
         reason = None
     reason = reason if isinstance(reason, str) else f"HTTP {status}"
-    return PeerRefused(f"{_base(url)} refused to {doing}: {reason[:200]}", status)
+    reason = "".join(ch if ch.isprintable() else "?" for ch in reason[:200])     # from an untrusted server
+    return PeerRefused(f"{_base(url)} refused to {doing}: {reason}", status)
 
 
 def _map(raw: bytes, url: str) -> dict:

@@ -10,7 +10,7 @@ Handler that does.
     PUT  /v1/records/{id}?offset=N&seq=S      push one record: [u32 head length][head][ciphertext from N]
     GET  /v1/records/{id}/status              how much of a record the callee already has (for resuming)
     POST /v1/batch                            push many small records in one request
-    GET  /v1/outbox?since=N                   pull: what the callee has queued for the caller after N
+    GET  /v1/outbox?since=N[&after=M]         pull: what the callee has queued for the caller after N (or M)
     GET  /v1/records/{id}/body?offset=N       pull: a record's ciphertext, streamed
     POST /v1/acks                             pull: the caller has committed up to N (and these)
     POST /v1/receipts                         signed "opened" receipts for records the callee sent
@@ -59,7 +59,7 @@ class Handler(Protocol):
 
     async def receive_batch(self, caller: str, items: list[tuple[int | None, bytes, bytes]]) -> Answer: ...
 
-    async def outbox_for(self, caller: str, since: int, limit: int) -> Answer: ...
+    async def outbox_for(self, caller: str, since: int, limit: int, after: int = 0) -> Answer: ...
 
     async def body_for(self, caller: str, record_id: str, offset: int) -> tuple[int, AsyncIterator[bytes]]: ...
 
@@ -150,7 +150,7 @@ def _int_query(request: web.Request, name: str, default: int | None) -> int | No
 async def _small_body(request: web.Request, limit: int = MAX_SMALL_BODY) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise TooLarge(f"request body over {limit} bytes")
-    body = await request.content.read(limit + 1)
+    body = await auth.read_limited(request.content, limit)
     if len(body) > limit:
         raise TooLarge(f"request body over {limit} bytes")
     return body
@@ -193,7 +193,8 @@ async def get_outbox(request: web.Request) -> web.Response:
     caller = await authenticate(request, await _small_body(request))
     since = _int_query(request, "since", 0)
     limit = min(_int_query(request, "limit", 500), 500)
-    answer = await request.app[HANDLER].outbox_for(caller, since, limit)
+    after = _int_query(request, "after", 0)
+    answer = await request.app[HANDLER].outbox_for(caller, since, limit, after)
     return _encode(request, answer.status, answer.body)
 
 
