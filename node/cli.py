@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+import segno
+
 from .config import default_data_dir
 from .errors import CabinetError, UsageError
 from .node import Node, Summary
@@ -84,7 +86,8 @@ def print_summaries(rows: list[Summary], header: str) -> None:
 
 async def cmd_init(a) -> int:
     node_id = await Node.init(a.data, passphrase(confirm=True), name=a.name, specialty=a.specialty, city=a.city,
-                              rpps=a.rpps, listen=a.listen, advertise=a.advertise or ())
+                              rpps=a.rpps, listen=a.listen, advertise=a.advertise or (),
+                              bootstraps=a.bootstrap or ())
     print(f"Practice node created in {a.data}")
     print(f"Node ID: {node_id}")
     print("Next: 'cabinet run' to start it, 'cabinet id' to share your descriptor with colleagues.")
@@ -93,6 +96,8 @@ async def cmd_init(a) -> int:
 
 async def cmd_run(a) -> int:
     async with Node.open(a.data, passphrase=passphrase()) as node:
+        if a.bootstrap:
+            node.use_bootstraps(a.bootstrap)
         host, port = await node.serve(a.listen, accept=not a.no_listen, pull_interval=a.pull_every)
         where = f"listening on http://{host}:{port}" if port else "not listening (delivering and pulling only)"
         print(f"cabinet node {node.node_id} ({node.config.name}) {where}", flush=True)
@@ -124,8 +129,74 @@ async def cmd_id(a) -> int:
 async def cmd_contact_add(a) -> int:
     async with Node.open(a.data, passphrase=passphrase()) as node:
         c, status = await node.add_contact(a.source, name=a.name, expect_id=a.id)
-        print(f"Contact {status}: {c['name']}  {c['node_id']}  (unverified until 'cabinet contact verify')"
-              if not c["verified"] else f"Contact {status}: {c['name']}  {c['node_id']}  (verified)")
+        if status == "held":
+            old = await node.contact(c["replaces"])
+            print(f"WARNING: {c['name']} claims to be {old['name']} ({old['node_id']}), whom you already know, "
+                  f"but with ANOTHER IDENTITY KEY ({c['node_id']}).", file=sys.stderr)
+            print("This happens when a practice reinstalls its box, and when someone impersonates it. Nothing is "
+                  "sent to the new key until you check the safety code by phone and run:", file=sys.stderr)
+            print(f"    cabinet contact confirm \"{c['name']}\"", file=sys.stderr)
+            return 3
+        if status == "revoked":
+            raise UsageError(f"{c['name']} ({c['node_id']}) has revoked this key; ask them for their new node ID")
+        state = "verified" if c["verified"] else "unverified until 'cabinet contact verify'"
+        print(f"Contact {status}: {c['name']}  {c['node_id']}  ({state})")
+    return 0
+
+
+async def cmd_contact_confirm(a) -> int:
+    async with Node.open(a.data, passphrase=passphrase()) as node:
+        c = await node.confirm_contact(a.name)
+        print(f"{c['name']} ({c['node_id']}) confirmed; records held for it are now delivered.")
+    return 0
+
+
+async def cmd_directory_search(a) -> int:
+    async with Node.open(a.data, passphrase=passphrase()) as node:
+        found = await node.discovery.search(" ".join(a.query))
+        if not found:
+            print("No practitioner found.")
+        for d in found:
+            rpps = f"  RPPS {d.rpps}" if d.rpps else ""
+            print(f"{d.name[:28]:28}  {d.specialty[:20]:20}  {d.city[:16]:16}  {d.node_id}{rpps}")
+    return 0
+
+
+async def cmd_directory_lookup(a) -> int:
+    async with Node.open(a.data, passphrase=passphrase()) as node:
+        d = await node.discovery.resolve(a.node_id)
+        print(f"{d.name}  {d.specialty}  {d.city}  {d.node_id}  seq {d.seq}")
+        print("Addresses: " + (", ".join(d.addresses) or "(none)"))
+        if d.revoked:
+            print("REVOKED: this node's keys were revoked by its owner.")
+    return 0
+
+
+async def cmd_directory_announce(a) -> int:
+    async with Node.open(a.data, passphrase=passphrase()) as node:
+        if a.bootstrap:
+            node.use_bootstraps(a.bootstrap)
+        ok = await node.discovery.announce()
+        print(f"Descriptor (seq {node.descriptor.seq}) accepted by {ok} of {len(node.config.bootstraps)} bootstrap(s)")
+        return 0 if ok else 1
+
+
+async def cmd_keys_rotate(a) -> int:
+    secret = passphrase()
+    async with Node.open(a.data, passphrase=secret) as node:
+        desc, told = await node.rotate_keys(secret)
+        print(f"New encryption key in descriptor seq {desc.seq}; {told} contact(s) told directly; old keys are kept "
+              "to open what was sent to them.")
+    return 0
+
+
+async def cmd_keys_revoke(a) -> int:
+    if not a.yes:
+        raise UsageError("revoking is final: this node ID will never be usable again. Add --yes to confirm")
+    async with Node.open(a.data, passphrase=passphrase()) as node:
+        desc = await node.revoke_keys()
+        print(f"Keys of {node.node_id} revoked (descriptor seq {desc.seq}). Contacts and bootstraps that receive "
+              "it refuse this node from now on; set up a new node and share its ID.")
     return 0
 
 
@@ -145,6 +216,13 @@ async def cmd_contact_list(a) -> int:
 async def cmd_contact_verify(a) -> int:
     async with Node.open(a.data, passphrase=passphrase()) as node:
         c, code = await node.safety_code(a.name)
+        qr = segno.make(node.descriptor.to_text(), error="m")
+        if a.png:
+            qr.save(a.png, scale=6, border=4)
+            print(f"QR code of this node's descriptor written to {a.png}")
+        elif sys.stdout.isatty() or a.qr:
+            print("This node's descriptor, for your colleague to scan:")
+            qr.terminal(compact=True)
         print(f"Safety code with {c['name']} ({c['node_id']}):\n\n    {code}\n")
         print("Compare it with the code on your colleague's screen (by phone or in person).")
         if not a.yes:
@@ -296,10 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--rpps", default="", help="RPPS number (optional)")
     sp.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:7400)")
     sp.add_argument("--advertise", action="append", help="address colleagues reach this node at (repeatable)")
+    sp.add_argument("--bootstrap", action="append", metavar="URL", help="a directory server to announce to (repeatable)")
     sp = add("run", cmd_run, "run the node until Ctrl-C or SIGTERM")
     sp.add_argument("--listen", help="HOST:PORT (default: as configured, 127.0.0.1:7400)")
     sp.add_argument("--no-listen", action="store_true",
                     help="accept no connections (behind a router): push what is sent, pull what is waiting")
+    sp.add_argument("--bootstrap", action="append", metavar="URL", help="add a directory server (kept in the config)")
     sp.add_argument("--pull-every", type=float, default=None, metavar="SECONDS",
                     help="how often to ask colleagues for records waiting for us (default 30)")
     sp = add("id", cmd_id, "print the node ID and the signed descriptor")
@@ -308,14 +388,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     contact = sub.add_parser("contact", help="colleagues: add, list, verify").add_subparsers(
         dest="contact_command", required=True, metavar="ACTION")
-    sp = add("add", cmd_contact_add, "add a colleague from a descriptor file, text or http://address", contact)
-    sp.add_argument("source", help="descriptor file, descriptor text, or http://host:port")
+    sp = add("add", cmd_contact_add, "add a colleague from a node ID, a descriptor file or text, or http://address",
+             contact)
+    sp.add_argument("source", help="node ID (looked up on the LAN and the bootstraps), descriptor file or text, "
+                                   "or http://host:port")
     sp.add_argument("--id", help="the node ID you expect (required with http://)")
     sp.add_argument("--name", help="local name for this contact (default: their display name)")
     add("list", cmd_contact_list, "list contacts", contact)
     sp = add("verify", cmd_contact_verify, "show the safety code and mark the contact verified", contact)
     sp.add_argument("name")
     sp.add_argument("--yes", action="store_true", help="the codes match: mark verified without asking")
+    sp.add_argument("--png", metavar="FILE", help="write the QR code of this node's descriptor as a PNG")
+    sp.add_argument("--qr", action="store_true", help="print the QR code even when not on a terminal")
+    sp = add("confirm", cmd_contact_confirm, "accept a known colleague's new identity key (after checking it)",
+             contact)
+    sp.add_argument("name")
+
+    directory = sub.add_parser("directory", help="the practitioner directory on the bootstrap servers").add_subparsers(
+        dest="directory_command", required=True, metavar="ACTION")
+    sp = add("search", cmd_directory_search, "search practitioners by name, specialty, city or RPPS", directory)
+    sp.add_argument("query", nargs="+")
+    sp = add("lookup", cmd_directory_lookup, "find a node by its ID (LAN, bootstraps, last address)", directory)
+    sp.add_argument("node_id")
+    sp = add("announce", cmd_directory_announce, "publish this node's descriptor now", directory)
+    sp.add_argument("--bootstrap", action="append", metavar="URL", help="add a directory server first")
+
+    keys = sub.add_parser("keys", help="key rotation and revocation").add_subparsers(
+        dest="keys_command", required=True, metavar="ACTION")
+    add("rotate", cmd_keys_rotate, "replace the encryption key (the node ID stays)", keys)
+    sp = add("revoke", cmd_keys_revoke, "revoke this node's keys for good (a stolen box)", keys)
+    sp.add_argument("--yes", action="store_true", help="confirm: this cannot be undone")
 
     for name, fn, help_ in (("send", cmd_send, "seal and send a referral"),
                             ("reply", cmd_reply, "send the report back in the same thread")):

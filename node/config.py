@@ -39,6 +39,7 @@ class Config:
     rpps: str = ""
     listen: str = DEFAULT_LISTEN
     advertise: list[str] = field(default_factory=list)
+    bootstraps: list[str] = field(default_factory=list)
     descriptor_seq: int = 1
 
     def save(self, folder: Path) -> None:

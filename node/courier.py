@@ -130,9 +130,13 @@ class Courier(_Loop):
         self._active.add(recipient)
         try:
             contact = await self.node.store.call(records.contact_by_id, recipient)
-            if contact is None:
-                await self._failed(recipient, rows, "recipient is no longer a contact")
-                return "recipient is no longer a contact"
+            why = ("recipient is no longer a contact" if contact is None else
+                   "this colleague's keys were revoked: nothing is sent" if contact["revoked"] else
+                   "held: this colleague's identity key changed; check it and run 'cabinet contact confirm'"
+                   if contact["held"] else None)
+            if why:
+                await self._failed(recipient, rows, why)
+                return why
             peer = peer_of(contact)
             for unit in _units(rows):
                 try:
@@ -322,14 +326,14 @@ class Puller(_Loop):
             after = start.upto
             fetch = asyncio.ensure_future(self.node.client.fetch_outbox(peer, start.upto, MAX_BATCH_ITEMS, after))
             while fetch is not None:
-                answer = await fetch
+                answer, asked_after = await fetch, after
                 fetch = None
                 items = _batch_items(answer)
                 if len(items) >= MAX_BATCH_ITEMS:
                     after = items[-1]["seq"]
                     fetch = asyncio.ensure_future(
                         self.node.client.fetch_outbox(peer, start.upto, MAX_BATCH_ITEMS, after))
-                total += await self._take(peer, answer, items)
+                total += await self._take(peer, answer, items, asked_after)
             final = await self.node.store.call(records.stream_in, node_id)
             await self.node.client.send_ack(peer, ack_wire(final))
             if total:
@@ -340,7 +344,7 @@ class Puller(_Loop):
                 fetch.cancel()
             self._active.discard(node_id)
 
-    async def _take(self, peer: Peer, answer: dict, items: list[dict]) -> int:
+    async def _take(self, peer: Peer, answer: dict, items: list[dict], asked_after: int) -> int:
         """Commit what one outbox answer lists and we do not have yet."""
         node, sender = self.node, peer.node_id
         ack = await node.store.call(records.stream_in, sender)
@@ -348,7 +352,7 @@ class Puller(_Loop):
         if not isinstance(prev, int) or not isinstance(last, int):
             raise RemoteProtocolError("outbox answer: prev and last must be integers")
         batch = Batch(prev=prev, last=last, items=tuple(Offer(seq=i["seq"], record_id=i["id"]) for i in items))
-        wanted = {f.offer.seq for f in RecipientStream(ack.upto, set(ack.have)).on_batch(batch, after=batch.prev)}
+        wanted = {f.offer.seq for f in RecipientStream(ack.upto, set(ack.have)).on_batch(batch, after=asked_after)}
         small = [(i["seq"], i["head"], i["body"]) for i in items if i["seq"] in wanted and i["body"] is not None]
         new = 0
         if small:
@@ -356,7 +360,11 @@ class Puller(_Loop):
             new += sum(r == "stored" for r in results.values())
         for i in items:
             if i["seq"] in wanted and i["body"] is None:
-                new += await self._download(peer, i)
+                try:
+                    new += await self._download(peer, i)
+                except (InvalidEnvelope, RemoteProtocolError) as exc:
+                    # Refused (and logged) by the intake: go on with the others.
+                    log.warning("record %s from %s not taken: %s", i["id"], sender, exc)
         return new
 
     async def _download(self, peer: Peer, item: dict) -> int:

@@ -98,6 +98,7 @@ class Descriptor:
     seq: int = 1
     issued: int = 0
     expires: int = 0
+    revoked: bool = False         # a signed revocation: final, whatever comes later
     signed: bytes = field(default=b"", compare=False, repr=False)
 
     @property
@@ -105,11 +106,14 @@ class Descriptor:
         return crypto.key_id(self.enc_key)
 
     def _body(self) -> dict:
-        return {
+        body = {
             "v": 1, "id": node_id_bytes(self.sign_key), "sk": self.sign_key, "ek": self.enc_key,
             "name": self.name, "specialty": self.specialty, "city": self.city, "rpps": self.rpps,
             "addrs": list(self.addresses), "seq": self.seq, "issued": self.issued, "expires": self.expires,
         }
+        if self.revoked:          # absent unless true: one encoding per meaning
+            body["revoked"] = True
+        return body
 
     def to_text(self) -> str:
         return DESCRIPTOR_PREFIX + base64.urlsafe_b64encode(self.signed).decode("ascii").rstrip("=")
@@ -127,7 +131,9 @@ class Descriptor:
         sig = wire.field(outer, "sig", bytes, what=what, size=64)
         body = wire.unpack(body_raw, max_size=MAX_DESCRIPTOR, what=what)
         wire.only_fields(body, {"v", "id", "sk", "ek", "name", "specialty", "city", "rpps", "addrs",
-                                "seq", "issued", "expires"}, what=what)
+                                "seq", "issued", "expires", "revoked"}, what=what)
+        if "revoked" in body and body["revoked"] is not True:
+            raise RemoteProtocolError("descriptor: 'revoked' is present only when true")
         if wire.field(body, "v", int, what=what) != 1:
             raise RemoteProtocolError("descriptor: unknown format version")
         sk = wire.field(body, "sk", bytes, what=what, size=32)
@@ -146,7 +152,7 @@ class Descriptor:
             node_id=node_id_for(sk), sign_key=sk, enc_key=ek, name=text("name"),
             specialty=text("specialty"), city=text("city"), rpps=text("rpps"), addresses=tuple(addrs),
             seq=wire.field(body, "seq", int, what=what), issued=wire.field(body, "issued", int, what=what),
-            expires=wire.field(body, "expires", int, what=what), signed=bytes(data),
+            expires=wire.field(body, "expires", int, what=what), revoked="revoked" in body, signed=bytes(data),
         )
 
     @classmethod
@@ -191,6 +197,10 @@ class Identity:
     def enc_private(self, kid: bytes) -> nacl.public.PrivateKey | None:
         return self._by_kid.get(kid)
 
+    def rotated(self) -> "Identity":
+        """The same identity with a fresh encryption key; the old ones still open what was sent to them."""
+        return Identity(bytes(self.signing_key), [bytes(k) for k in self._enc] + [bytes(nacl.public.PrivateKey.generate())])
+
     def secrets(self) -> dict:
         return {"sign": bytes(self.signing_key), "enc": [bytes(k) for k in self._enc]}
 
@@ -198,10 +208,10 @@ class Identity:
         return crypto.sign(self.signing_key, domain, message)
 
     def descriptor(self, *, name: str, specialty: str = "", city: str = "", rpps: str = "",
-                   addresses: tuple[str, ...] = (), seq: int, now_ms: int) -> Descriptor:
+                   addresses: tuple[str, ...] = (), seq: int, now_ms: int, revoked: bool = False) -> Descriptor:
         d = Descriptor(node_id=self.node_id, sign_key=self.sign_public, enc_key=self.enc_public, name=name,
-                       specialty=specialty, city=city, rpps=rpps, addresses=tuple(addresses), seq=seq,
-                       issued=now_ms, expires=now_ms + DESCRIPTOR_DAYS * 86_400_000)
+                       specialty=specialty, city=city, rpps=rpps, addresses=() if revoked else tuple(addresses),
+                       seq=seq, issued=now_ms, expires=now_ms + DESCRIPTOR_DAYS * 86_400_000, revoked=revoked)
         body = wire.pack(d._body())
         signed = wire.pack({"body": body, "sig": self.sign("descriptor", body)})
         return replace(d, signed=signed)

@@ -24,6 +24,7 @@ from typing import AsyncIterator, Iterable, Sequence
 from . import envelope
 from .config import Config, parse_listen, prepare_folder
 from .courier import Courier, Puller
+from .discovery import Discovery
 from .envelope import Attachment, Head, Manifest, Recipient, Sealer
 from .errors import AlreadyExists, NotFound, TooLarge, UsageError
 from .intake import Intake, make_receipt
@@ -87,6 +88,7 @@ class Node:
         self.handler = NodeHandler(self)
         self.courier = Courier(self)
         self.puller = Puller(self)
+        self.discovery = Discovery(self)
         self._server: Server | None = None
         self._lock_fd: int | None = None
         self._bound_port: int | None = None
@@ -96,14 +98,16 @@ class Node:
 
     @staticmethod
     async def init(folder: str | Path, passphrase: str, *, name: str, specialty: str = "", city: str = "",
-                   rpps: str = "", listen: str | None = None, advertise: Sequence[str] = ()) -> str:
+                   rpps: str = "", listen: str | None = None, advertise: Sequence[str] = (),
+                   bootstraps: Sequence[str] = ()) -> str:
         """Create a practice node in `folder`; returns its node ID."""
         folder = prepare_folder(Path(folder), create=True)
         if (folder / keyfile.KEYFILE).exists():
             raise AlreadyExists(f"a cabinet node already exists in {folder}")
         if not name.strip():
             raise UsageError("the practitioner's display name must not be empty")
-        cfg = Config(name=name.strip(), specialty=specialty, city=city, rpps=rpps, advertise=list(advertise))
+        cfg = Config(name=name.strip(), specialty=specialty, city=city, rpps=rpps, advertise=list(advertise),
+                     bootstraps=[_check_url(u) for u in bootstraps])
         if listen:
             parse_listen(listen)
             cfg.listen = listen
@@ -132,6 +136,7 @@ class Node:
     async def close(self) -> None:
         await self.courier.stop()
         await self.puller.stop()
+        await self.discovery.stop()
         if self._server:
             await self._server.stop()
             self._server = None
@@ -156,6 +161,7 @@ class Node:
             await self.store.call(records.log, at=now_ms(), event="node-started", detail="not listening")
             self.courier.start()
             self.puller.start()
+            self.discovery.start()
             return host, 0
         self._server = Server(self.handler, host, port)
         await self._server.start()
@@ -170,6 +176,7 @@ class Node:
         await self.store.call(records.log, at=now_ms(), event="node-started")
         self.courier.start()
         self.puller.start()
+        self.discovery.start()
         return host, self._server.port
 
     def _take_run_lock(self) -> None:
@@ -191,14 +198,27 @@ class Node:
     def descriptor(self) -> Descriptor:
         return self._descriptor
 
-    def _make_descriptor(self) -> Descriptor:
+    def _make_descriptor(self, revoked: bool = False) -> Descriptor:
         c = self.config
         return self.identity.descriptor(name=c.name, specialty=c.specialty, city=c.city, rpps=c.rpps,
-                                        addresses=c.addresses(self._bound_port), seq=c.descriptor_seq, now_ms=now_ms())
+                                        addresses=c.addresses(self._bound_port), seq=c.descriptor_seq, now_ms=now_ms(),
+                                        revoked=revoked)
+
+    async def _descriptor_changed(self) -> None:
+        """A new descriptor (address, key, details): higher seq, saved, announced now."""
+        self.config.descriptor_seq += 1
+        self.config.save(self.folder)
+        self._descriptor = self._make_descriptor()
+        self.discovery.wake()
 
     async def add_contact(self, source: str | bytes, *, name: str | None = None,
                           expect_id: str | None = None) -> tuple[dict, str]:
-        """Add a colleague from a descriptor (bytes, text, a file path, or an http:// address)."""
+        """Add a colleague from a descriptor (bytes, text, a file path, an http:// address) or a node ID alone.
+
+        Returns the contact and 'added', 'updated', 'unchanged', 'held' (a
+        practitioner already known under another identity key: nothing is sent
+        to it until confirmed) or 'revoked'.
+        """
         desc = await self._load_descriptor(source, expect_id)
         if desc.node_id == self.node_id:
             raise UsageError("that descriptor is this node's own")
@@ -207,7 +227,25 @@ class Node:
         status = await self.store.call(records.upsert_contact, desc, (name or desc.name).strip(), now_ms())
         return await self.store.call(records.find_contact, desc.node_id), status
 
+    async def learn_descriptor(self, desc: Descriptor) -> tuple[dict, str]:
+        """A newer descriptor of a known contact (from a bootstrap, the LAN, or the node itself)."""
+        row = await self.store.call(records.contact_by_id, desc.node_id)
+        if row is None:
+            raise NotFound(f"{desc.node_id} is not a contact")
+        status = await self.store.call(records.upsert_contact, desc, row["name"], now_ms())
+        if status == "revoked":
+            log.warning("contact %s has revoked its key: nothing more is sent to or accepted from it", desc.node_id)
+        return row, status
+
+    async def confirm_contact(self, ref: str) -> dict:
+        c = await self.contact(ref)
+        await self.store.call(records.confirm_contact, c["node_id"], now_ms())
+        self.courier.wake()
+        return await self.contact(c["node_id"])
+
     async def _load_descriptor(self, source: str | bytes, expect_id: str | None) -> Descriptor:
+        if isinstance(source, str) and _looks_like_node_id(source):
+            return await self.discovery.resolve(source)
         if isinstance(source, bytes):
             desc = Descriptor.from_wire(source)
         elif source.startswith(("http://", "https://")):
@@ -226,6 +264,40 @@ class Node:
         if expect_id and normalize_node_id(expect_id) != desc.node_id:
             raise UsageError(f"the descriptor is for {desc.node_id}, not the expected {normalize_node_id(expect_id)}")
         return desc
+
+    def use_bootstraps(self, urls: Sequence[str]) -> None:
+        """Add directory servers to the configuration (kept for next time)."""
+        for url in (_check_url(u) for u in urls):
+            if url not in self.config.bootstraps:
+                self.config.bootstraps.append(url)
+        self.config.save(self.folder)
+
+    async def rotate_keys(self, passphrase: str) -> tuple[Descriptor, int]:
+        """A fresh encryption key, signed by the identity key; old keys still open old records.
+
+        Returns the new descriptor and how many contacts were told at once (the
+        others learn it from the bootstraps or the next refresh).
+        """
+        await asyncio.to_thread(keyfile.open_, self.folder, passphrase)       # the right passphrase
+        self.identity = self.identity.rotated()
+        self._secrets = keyfile.Secrets(self.identity, self._secrets.storage_key, self._secrets.index_key)
+        await asyncio.to_thread(keyfile.save_identity, self.folder, passphrase, self._secrets)
+        self.client.identity = self.identity
+        await self._descriptor_changed()
+        await self.store.call(records.log, at=now_ms(), event="keys-rotated")
+        told = await self.discovery.tell_all(self._descriptor)
+        return self._descriptor, told
+
+    async def revoke_keys(self) -> Descriptor:
+        """Publish a signed, final revocation of this node's keys (a stolen box): to the
+        bootstraps and to every contact. Returns the revocation descriptor."""
+        self.config.descriptor_seq += 1
+        self.config.save(self.folder)
+        self._descriptor = self._make_descriptor(revoked=True)
+        await self.store.call(records.log, at=now_ms(), event="keys-revoked")
+        await self.discovery.announce()
+        await self.discovery.tell_all(self._descriptor)
+        return self._descriptor
 
     async def contacts(self) -> list[dict]:
         return await self.store.call(records.list_contacts)
@@ -395,6 +467,20 @@ class Node:
 
     async def audit_verify(self) -> tuple[bool, int | None]:
         return await self.store.call(verify_audit)
+
+
+def _looks_like_node_id(text: str) -> bool:
+    try:
+        parse_node_id(text)
+        return True
+    except UsageError:
+        return False
+
+
+def _check_url(url: str) -> str:
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"a bootstrap address starts with http:// or https:// (got {url!r})")
+    return url.rstrip("/")
 
 
 def _check_attachments(items: Sequence[str | Path]) -> tuple[list[Path], list[Attachment]]:

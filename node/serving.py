@@ -12,6 +12,7 @@ import logging
 from typing import TYPE_CHECKING, AsyncIterator
 
 from .errors import CabinetError, NotFound, RemoteProtocolError
+from .identity import Descriptor
 from .intake import ack_from_wire, ack_wire, check_receipt, make_receipt
 from .store import blobs as blobstore
 from .store import records
@@ -42,14 +43,25 @@ async def _drain(body: AsyncIterator[bytes], limit: int) -> None:
 class NodeHandler:
     def __init__(self, node: "Node") -> None:
         self.node = node
-        self.identity = node.identity
+
+    @property
+    def identity(self):
+        return self.node.identity
 
     def descriptor_bytes(self) -> bytes:
         return self.node.descriptor.signed
 
     async def sign_key_for(self, node_id: str) -> bytes | None:
         row = await self.node.store.call(records.contact_by_id, node_id)
-        return row["sign_key"] if row else None
+        return row["sign_key"] if row and not row["revoked"] else None
+
+    async def receive_descriptor(self, caller: str, raw: bytes) -> Answer:
+        """A contact hands us its new descriptor (rotated key, new address, revocation)."""
+        desc = Descriptor.from_wire(raw)
+        if desc.node_id != caller:
+            raise RemoteProtocolError("a node may only hand over its own descriptor")
+        _, status = await self.node.learn_descriptor(desc)
+        return Answer(200, {"status": status})
 
     # --- records pushed to us ---------------------------------------------------
 

@@ -32,6 +32,9 @@ CREATE TABLE IF NOT EXISTS contacts (
     descriptor BLOB NOT NULL,
     seq        INTEGER NOT NULL,
     verified   INTEGER NOT NULL DEFAULT 0,
+    held       INTEGER NOT NULL DEFAULT 0,
+    replaces   TEXT,
+    revoked    INTEGER NOT NULL DEFAULT 0,
     added      INTEGER NOT NULL,
     updated    INTEGER NOT NULL
 );

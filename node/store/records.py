@@ -43,27 +43,69 @@ def patient_index(index_key: bytes, patient: str, born: str) -> bytes:
 
 # --- contacts ----------------------------------------------------------------
 
+def _same_practitioner(conn, desc: Descriptor) -> dict | None:
+    """An existing contact that this descriptor claims to be, under another identity key."""
+    for node_id, raw in conn.execute("SELECT node_id, descriptor FROM contacts WHERE node_id != ? AND revoked = 0",
+                                     (desc.node_id,)):
+        other = Descriptor.from_wire(raw)
+        if desc.rpps and other.rpps:
+            same = other.rpps == desc.rpps
+        else:
+            same = other.name.casefold() == desc.name.casefold() and other.city.casefold() == desc.city.casefold()
+        if same:
+            return {"node_id": node_id, "name": other.name}
+    return None
+
+
 def upsert_contact(db: sqlite_utils.Database, desc: Descriptor, name: str, now: int) -> str:
-    """Add or refresh a contact; returns 'added', 'updated' or 'unchanged'."""
+    """Add or refresh a contact; returns 'added', 'updated', 'unchanged', 'held' or 'revoked'.
+
+    'held': the descriptor is for a practitioner we already know under another
+    identity key (a reinstalled box, or someone impersonating them). It is kept
+    but nothing is sent to it until the practitioner confirms.
+    """
     with transaction(db) as conn:
-        row = conn.execute("SELECT seq, name FROM contacts WHERE node_id = ?", (desc.node_id,)).fetchone()
-        clash = conn.execute("SELECT node_id FROM contacts WHERE name = ? COLLATE NOCASE AND node_id != ?",
-                             (name, desc.node_id)).fetchone()
-        if clash and row is None:
-            raise AlreadyExists(f"another contact is already named {name!r}; choose one with --name")
+        row = conn.execute("SELECT seq, name, revoked FROM contacts WHERE node_id = ?", (desc.node_id,)).fetchone()
+        if row is not None and row[2]:
+            return "revoked"                       # a revocation is final
         if row is None:
-            conn.execute("INSERT INTO contacts (node_id, name, sign_key, descriptor, seq, verified, added, updated) "
-                         "VALUES (?,?,?,?,?,0,?,?)", (desc.node_id, name, desc.sign_key, desc.signed, desc.seq,
-                                                       now, now))
-            audit.append(db, at=now, event="contact-added", peer=desc.node_id)
-            return "added"
+            previous = _same_practitioner(conn, desc)
+            taken = conn.execute("SELECT 1 FROM contacts WHERE name = ? COLLATE NOCASE", (name,)).fetchone()
+            if taken and previous is None:
+                raise AlreadyExists(f"another contact is already named {name!r}; choose one with --name")
+            if taken:
+                name = f"{name} (new key)"
+            conn.execute("INSERT INTO contacts (node_id, name, sign_key, descriptor, seq, verified, held, replaces, "
+                         "revoked, added, updated) VALUES (?,?,?,?,?,0,?,?,?,?,?)",
+                         (desc.node_id, name, desc.sign_key, desc.signed, desc.seq, int(previous is not None),
+                          previous and previous["node_id"], int(desc.revoked), now, now))
+            audit.append(db, at=now, event="contact-held" if previous else "contact-added", peer=desc.node_id,
+                         detail=f"same practitioner as {previous['node_id']}" if previous else None)
+            return "held" if previous else "added"
         if desc.seq < row[0]:
             raise UsageError("this descriptor is older than the one already known (rolled back); not used")
         if desc.seq == row[0]:
             return "unchanged"
-        conn.execute("UPDATE contacts SET descriptor = ?, seq = ?, updated = ? WHERE node_id = ?",
-                     (desc.signed, desc.seq, now, desc.node_id))
+        conn.execute("UPDATE contacts SET descriptor = ?, seq = ?, revoked = ?, updated = ? WHERE node_id = ?",
+                     (desc.signed, desc.seq, int(desc.revoked), now, desc.node_id))
+        if desc.revoked:
+            audit.append(db, at=now, event="contact-revoked", peer=desc.node_id)
+            return "revoked"
         return "updated"
+
+
+def confirm_contact(db: sqlite_utils.Database, node_id: str, now: int) -> str | None:
+    """The practitioner confirmed a held contact's new key: release it, retire the old one."""
+    with transaction(db) as conn:
+        row = conn.execute("SELECT replaces FROM contacts WHERE node_id = ? AND held = 1", (node_id,)).fetchone()
+        if row is None:
+            raise UsageError("that contact is not waiting for a confirmation")
+        conn.execute("UPDATE contacts SET held = 0, replaces = NULL, updated = ? WHERE node_id = ?", (now, node_id))
+        if row[0]:
+            conn.execute("UPDATE contacts SET revoked = 1, name = name || ' (replaced)', updated = ? "
+                         "WHERE node_id = ?", (now, row[0]))
+        audit.append(db, at=now, event="contact-confirmed", peer=node_id, detail=row[0])
+        return row[0]
 
 
 def find_contact(db: sqlite_utils.Database, ref: str) -> dict:

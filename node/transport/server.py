@@ -7,6 +7,7 @@ authentication. The server never touches the store: node.py supplies the
 Handler that does.
 
     GET  /v1/descriptor                       the signed descriptor (public)
+    POST /v1/descriptor                       a contact hands over its new descriptor (key rotated, revoked)
     PUT  /v1/records/{id}?offset=N&seq=S      push one record: [u32 head length][head][ciphertext from N]
     GET  /v1/records/{id}/status              how much of a record the callee already has (for resuming)
     POST /v1/batch                            push many small records in one request
@@ -66,6 +67,8 @@ class Handler(Protocol):
     async def receive_ack(self, caller: str, ack: dict) -> Answer: ...
 
     async def receive_receipts(self, caller: str, receipts: list[bytes]) -> Answer: ...
+
+    async def receive_descriptor(self, caller: str, raw: bytes) -> Answer: ...
 
 
 HANDLER = web.AppKey("handler", Handler)
@@ -220,6 +223,13 @@ async def post_acks(request: web.Request) -> web.Response:
     return _encode(request, answer.status, answer.body)
 
 
+async def post_descriptor(request: web.Request) -> web.Response:
+    raw = await _small_body(request, 64 * 1024)
+    caller = await authenticate(request, raw)
+    answer = await request.app[HANDLER].receive_descriptor(caller, raw)
+    return _encode(request, answer.status, answer.body)
+
+
 async def post_receipts(request: web.Request) -> web.Response:
     raw = await _small_body(request)
     caller = await authenticate(request, raw)
@@ -248,6 +258,7 @@ def make_app(handler: Handler) -> web.Application:
     app[HANDLER] = handler
     app[GUARD] = auth.ReplayGuard()
     app.router.add_get("/v1/descriptor", get_descriptor)
+    app.router.add_post("/v1/descriptor", post_descriptor)
     app.router.add_put("/v1/records/{id}", put_record)
     app.router.add_get("/v1/records/{id}/status", get_record_status)
     app.router.add_get("/v1/records/{id}/body", get_record_body)
