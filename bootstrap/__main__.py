@@ -41,6 +41,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-interval", type=float, default=1.0,
                    help="pause between sync rounds that brought nothing new (seconds)")
     p.add_argument("-v", "--verbose", action="store_true", help="log each stored descriptor")
+    p.add_argument("--trace", type=Path, metavar="FILE",
+                   help="append every request received (method, path, body) to FILE, for audits")
     return p
 
 
@@ -52,7 +54,7 @@ async def serve(a: argparse.Namespace) -> int:
         raise UsageError("--sync-wait must be 0..30 and --sync-interval not negative")
     limits = Limits(a.announce_rate, a.announce_burst, a.read_rate, a.read_burst)
     b = Bootstrap(a.data, host, port, peers=tuple(a.peer), limits=limits, sync_wait=a.sync_wait,
-                  sync_interval=a.sync_interval)
+                  sync_interval=a.sync_interval, trace=a.trace)
     await b.start()
     print(f"bootstrap listening on {b.url} ({len(b.peers)} peer(s))", flush=True)
     stop = asyncio.Event()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -26,7 +27,7 @@ from node.identity import MAX_DESCRIPTOR, normalize_node_id
 
 from . import storage
 from .ratelimit import RateLimiter, client_key
-from .storage import Expired, Rollback, Storage
+from .storage import Expired, Revoked, Rollback, Storage
 
 log = logging.getLogger("cabinet.bootstrap")
 MSGPACK = "application/msgpack"
@@ -67,7 +68,7 @@ ANNOUNCE_LIMIT = web.AppKey("announce_limit", RateLimiter)
 READ_LIMIT = web.AppKey("read_limit", RateLimiter)
 
 STATUS = [
-    (TooLarge, 413), (NotFound, 404), (Rollback, 409), (Expired, 422), (RemoteProtocolError, 400),
+    (TooLarge, 413), (NotFound, 404), (Rollback, 409), (Revoked, 409), (Expired, 422), (RemoteProtocolError, 400),
     (CryptoError, 422), (StoreError, 503), (UsageError, 400),
 ]
 
@@ -170,9 +171,22 @@ async def get_sync(request: web.Request) -> web.Response:
     return answer({"db": store.db_id, "items": page.items, "last": page.last, "more": page.more})
 
 
-def make_app(store: Storage, limits: Limits = Limits()) -> web.Application:
+def trace_middleware(path: Path):
+    """Append every request as received (method, path, body) to a file: to audit what a
+    bootstrap is ever told. The tests use it to show no record reaches a bootstrap."""
+    @web.middleware
+    async def trace(request: web.Request, handler) -> web.StreamResponse:
+        body = await request.read() if request.can_read_body else b""
+        with open(path, "ab") as fh:
+            fh.write(f"{request.method} {request.path_qs} {len(body)}\n".encode() + body + b"\n")
+        return await handler(request)
+    return trace
+
+
+def make_app(store: Storage, limits: Limits = Limits(), trace: Path | None = None) -> web.Application:
     # The largest request is an announce: one descriptor.
-    app = web.Application(middlewares=[errors_middleware, rate_limit_middleware], client_max_size=MAX_DESCRIPTOR)
+    middlewares = [errors_middleware, rate_limit_middleware] + ([trace_middleware(trace)] if trace else [])
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_DESCRIPTOR)
     app[STORAGE] = store
     app[CHANGES] = Changes()
     app[ANNOUNCE_LIMIT] = RateLimiter(limits.announce_rate, limits.announce_burst)

@@ -27,7 +27,8 @@ PURGE_EVERY = 3600
 
 class Bootstrap:
     def __init__(self, data: Path, host: str, port: int, *, peers: tuple[str, ...] = (), limits: Limits = Limits(),
-                 sync_wait: int = 25, sync_interval: float = 1.0) -> None:
+                 sync_wait: int = 25, sync_interval: float = 1.0, trace: Path | None = None) -> None:
+        self.trace = trace
         self.data, self.host, self.port = data, host, port
         self.peers, self.limits = tuple(p.rstrip("/") for p in peers), limits
         self.sync_wait, self.sync_interval = sync_wait, sync_interval
@@ -45,7 +46,7 @@ class Bootstrap:
             if not p.startswith(("http://", "https://")):
                 raise UsageError(f"a peer address starts with http:// or https:// (got {p[:60]!r})")
         self.store = Storage(self.data)
-        app = make_app(self.store, self.limits)
+        app = make_app(self.store, self.limits, self.trace)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True, backlog=1024)

@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS descriptors (
     city      TEXT NOT NULL,
     rpps      TEXT NOT NULL,
     change    INTEGER NOT NULL UNIQUE,
-    raw       BLOB NOT NULL
+    raw       BLOB NOT NULL,
+    revoked   INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS descriptors_expires ON descriptors (expires);
 CREATE VIRTUAL TABLE IF NOT EXISTS descriptors_fts
@@ -67,6 +68,10 @@ CREATE TABLE IF NOT EXISTS peers (
     cursor INTEGER NOT NULL
 );
 """
+
+
+class Revoked(RemoteProtocolError):
+    """A descriptor for a node whose keys were revoked: nothing replaces a revocation."""
 
 
 class Expired(RemoteProtocolError):
@@ -164,7 +169,7 @@ def verify(raw: bytes, now_ms: int) -> Descriptor:
         d = Descriptor.from_wire(raw)
     except TypeError:       # a non-map body slips past from_wire's checks as TypeError
         raise RemoteProtocolError("descriptor: malformed") from None
-    if d.expired(now_ms):
+    if d.expired(now_ms) and not d.revoked:        # a revocation stays valid for ever
         raise Expired("descriptor has expired")
     if d.expires > now_ms + MAX_EXPIRY_MS:
         raise Expired("descriptor expiry is too far in the future")
@@ -176,9 +181,13 @@ def _digest(raw: bytes) -> bytes:
 
 
 def _store(conn: sqlite3.Connection, d: Descriptor) -> Stored:
-    row = conn.execute("SELECT id, seq, raw FROM descriptors WHERE node_id = ?", (d.node_id,)).fetchone()
+    row = conn.execute("SELECT id, seq, raw, revoked FROM descriptors WHERE node_id = ?", (d.node_id,)).fetchone()
     if row is not None:
-        rowid, seq, raw = row
+        rowid, seq, raw, revoked = row
+        if revoked:
+            if raw == d.signed:
+                return Stored(d.node_id, seq, False)
+            raise Revoked("this node revoked its keys; a revocation is final")
         if d.seq < seq:
             raise Rollback(f"descriptor seq {d.seq} is older than the stored seq {seq}")
         # Equal seq: a no-op, except that two different descriptors signed with one seq are settled
@@ -186,16 +195,17 @@ def _store(conn: sqlite3.Connection, d: Descriptor) -> Stored:
         if d.seq == seq and (raw == d.signed or _digest(raw) > _digest(d.signed)):
             return Stored(d.node_id, seq, False)
     change = conn.execute("SELECT coalesce(max(change), 0) + 1 FROM descriptors").fetchone()[0]
-    values = (d.seq, d.expires, d.name, d.specialty, d.city, d.rpps, change, d.signed)
+    values = (d.seq, d.expires, d.name, d.specialty, d.city, d.rpps, change, d.signed, int(d.revoked))
     if row is None:
-        cur = conn.execute("INSERT INTO descriptors (seq, expires, name, specialty, city, rpps, change, raw, node_id)"
-                           " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", values + (d.node_id,))
+        cur = conn.execute("INSERT INTO descriptors (seq, expires, name, specialty, city, rpps, change, raw, revoked,"
+                           " node_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values + (d.node_id,))
         rowid = cur.lastrowid
     else:
-        conn.execute("UPDATE descriptors SET seq=?, expires=?, name=?, specialty=?, city=?, rpps=?, change=?, raw=?"
-                     " WHERE id=?", values + (rowid,))
+        conn.execute("UPDATE descriptors SET seq=?, expires=?, name=?, specialty=?, city=?, rpps=?, change=?, raw=?,"
+                     " revoked=? WHERE id=?", values + (rowid,))
         conn.execute("DELETE FROM descriptors_fts WHERE rowid = ?", (rowid,))
-    conn.execute("INSERT INTO descriptors_fts (rowid, text) VALUES (?, ?)", (rowid, _search_text(d)))
+    if not d.revoked:              # a revoked node is still found by ID (to learn it), not by search
+        conn.execute("INSERT INTO descriptors_fts (rowid, text) VALUES (?, ?)", (rowid, _search_text(d)))
     return Stored(d.node_id, d.seq, True)
 
 
@@ -232,7 +242,7 @@ def put_many(db: sqlite_utils.Database, raws: Iterable[bytes], now_ms: int,
         for d in checked:
             try:
                 s = _store(conn, d)
-            except Rollback:
+            except (Rollback, Revoked):
                 result.older += 1
                 continue
             if s.changed:
@@ -252,8 +262,9 @@ def peer_cursor(db: sqlite_utils.Database, url: str) -> tuple[bytes, int]:
 def purge(db: sqlite_utils.Database, now_ms: int) -> int:
     """Reduce long-expired descriptors to (node_id, seq): no personal details kept, rollback still refused."""
     with transaction(db) as conn:
-        ids = [r[0] for r in conn.execute("SELECT id FROM descriptors WHERE expires < ? AND raw != x''",
-                                          (now_ms - PURGE_AFTER_MS,))]
+        # Revocations are kept whole: they must outlive any copy of the key.
+        ids = [r[0] for r in conn.execute("SELECT id FROM descriptors WHERE expires < ? AND raw != x'' "
+                                          "AND revoked = 0", (now_ms - PURGE_AFTER_MS,))]
         for rowid in ids:
             conn.execute("UPDATE descriptors SET name='', specialty='', city='', rpps='', raw=x'' WHERE id=?", (rowid,))
             conn.execute("DELETE FROM descriptors_fts WHERE rowid = ?", (rowid,))
@@ -263,7 +274,8 @@ def purge(db: sqlite_utils.Database, now_ms: int) -> int:
 # --- reads --------------------------------------------------------------------------
 
 def get(db: sqlite_utils.Database, node_id: str, now_ms: int) -> bytes | None:
-    row = db.execute("SELECT raw FROM descriptors WHERE node_id = ? AND expires > ?", (node_id, now_ms)).fetchone()
+    row = db.execute("SELECT raw FROM descriptors WHERE node_id = ? AND (expires > ? OR revoked = 1)",
+                     (node_id, now_ms)).fetchone()
     return row[0] if row and row[0] else None         # b"": a purged tombstone
 
 

@@ -176,8 +176,12 @@ async def cmd_directory_announce(a) -> int:
     async with Node.open(a.data, passphrase=passphrase()) as node:
         if a.bootstrap:
             node.use_bootstraps(a.bootstrap)
-        ok = await node.discovery.announce()
-        print(f"Descriptor (seq {node.descriptor.seq}) accepted by {ok} of {len(node.config.bootstraps)} bootstrap(s)")
+        results = await node.discovery.announce()
+        ok = sum(r == "ok" for r in results.values())
+        print(f"Descriptor (seq {node.descriptor.seq}) accepted by {ok} of {len(results)} bootstrap(s)")
+        for url, r in results.items():
+            if r != "ok":
+                print(f"cabinet: {url}: {r}", file=sys.stderr)
         return 0 if ok else 1
 
 

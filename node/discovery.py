@@ -46,16 +46,15 @@ class Discovery(_Loop):
         await self.refresh_contacts()
         return REFRESH_EVERY
 
-    async def announce(self) -> int:
-        """Publish our descriptor to every bootstrap; returns how many accepted it."""
+    async def announce(self) -> dict[str, str]:
+        """Publish our descriptor to every bootstrap; returns each one's outcome ('ok' or why not)."""
         if not self.bootstraps:
-            return 0
+            return {}
         results = await directory.announce_all(self.bootstraps, self.node.descriptor.signed)
-        ok = sum(not isinstance(r, CabinetError) for r in results.values())
         for url, r in results.items():
             if isinstance(r, CabinetError):
                 log.warning("announce to %s failed: %s", url, r)
-        return ok
+        return {url: str(r) if isinstance(r, CabinetError) else "ok" for url, r in results.items()}
 
     async def tell_all(self, desc: Descriptor) -> int:
         """Hand our new descriptor (rotated key, revocation) to every contact directly."""

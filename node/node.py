@@ -26,7 +26,7 @@ from .config import Config, parse_listen, prepare_folder
 from .courier import Courier, Puller
 from .discovery import Discovery
 from .envelope import Attachment, Head, Manifest, Recipient, Sealer
-from .errors import AlreadyExists, NotFound, TooLarge, UsageError
+from .errors import AlreadyExists, CabinetError, NotFound, TooLarge, UsageError
 from .intake import Intake, make_receipt
 from .identity import DESCRIPTOR_PREFIX, Descriptor, normalize_node_id, parse_node_id, safety_code
 from .store import blobs as blobstore
@@ -38,6 +38,10 @@ from .serving import NodeHandler
 from .transport.server import Server
 
 log = logging.getLogger("cabinet.node")
+
+
+DESCRIPTOR_FILE = "descriptor"
+DESCRIPTOR_RENEW_MS = 30 * 86_400_000       # re-sign a month before the descriptor expires
 
 
 def now_ms() -> int:
@@ -92,7 +96,7 @@ class Node:
         self._server: Server | None = None
         self._lock_fd: int | None = None
         self._bound_port: int | None = None
-        self._descriptor = self._make_descriptor()
+        self._descriptor = self._current_descriptor()
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -169,10 +173,8 @@ class Node:
         if listen and port and listen != self.config.listen:
             self.config.listen = listen
             self.config.save(self.folder)
-        if self.config.addresses(self._bound_port) != self._descriptor.addresses:
-            self.config.descriptor_seq += 1          # peers replace older descriptors by sequence number
-            self.config.save(self.folder)
-            self._descriptor = self._make_descriptor()
+        if self.config.addresses(self._bound_port) != self._descriptor.addresses and not self._descriptor.revoked:
+            await self._descriptor_changed()          # peers replace older descriptors by sequence number
         await self.store.call(records.log, at=now_ms(), event="node-started")
         self.courier.start()
         self.puller.start()
@@ -198,17 +200,36 @@ class Node:
     def descriptor(self) -> Descriptor:
         return self._descriptor
 
-    def _make_descriptor(self, revoked: bool = False) -> Descriptor:
-        c = self.config
-        return self.identity.descriptor(name=c.name, specialty=c.specialty, city=c.city, rpps=c.rpps,
-                                        addresses=c.addresses(self._bound_port), seq=c.descriptor_seq, now_ms=now_ms(),
-                                        revoked=revoked)
+    def _current_descriptor(self) -> Descriptor:
+        """The signed descriptor kept in the data folder, so every process shows the same
+        bytes for one sequence number; a new one only when something changed."""
+        try:
+            stored = Descriptor.from_wire((self.folder / DESCRIPTOR_FILE).read_bytes())
+        except (OSError, CabinetError):
+            stored = None
+        if stored is not None and stored.node_id == self.node_id:
+            if stored.revoked:
+                return stored                       # final, whatever the configuration says
+            fresh = stored.expires - now_ms() > DESCRIPTOR_RENEW_MS
+            if stored.seq == self.config.descriptor_seq and stored.enc_key == self.identity.enc_public and fresh:
+                return stored
+            self.config.descriptor_seq = max(self.config.descriptor_seq, stored.seq + 1)
+            self.config.save(self.folder)
+        return self._sign_descriptor()
 
-    async def _descriptor_changed(self) -> None:
-        """A new descriptor (address, key, details): higher seq, saved, announced now."""
+    def _sign_descriptor(self, revoked: bool = False) -> Descriptor:
+        c = self.config
+        desc = self.identity.descriptor(name=c.name, specialty=c.specialty, city=c.city, rpps=c.rpps,
+                                        addresses=c.addresses(self._bound_port), seq=c.descriptor_seq,
+                                        now_ms=now_ms(), revoked=revoked)
+        keyfile.write_atomic(self.folder / DESCRIPTOR_FILE, desc.signed, mode=0o600)
+        return desc
+
+    async def _descriptor_changed(self, revoked: bool = False) -> None:
+        """A new descriptor (address, key, details, revocation): higher seq, signed, kept, announced."""
         self.config.descriptor_seq += 1
         self.config.save(self.folder)
-        self._descriptor = self._make_descriptor()
+        self._descriptor = self._sign_descriptor(revoked)
         self.discovery.wake()
 
     async def add_contact(self, source: str | bytes, *, name: str | None = None,
@@ -291,9 +312,7 @@ class Node:
     async def revoke_keys(self) -> Descriptor:
         """Publish a signed, final revocation of this node's keys (a stolen box): to the
         bootstraps and to every contact. Returns the revocation descriptor."""
-        self.config.descriptor_seq += 1
-        self.config.save(self.folder)
-        self._descriptor = self._make_descriptor(revoked=True)
+        await self._descriptor_changed(revoked=True)
         await self.store.call(records.log, at=now_ms(), event="keys-revoked")
         await self.discovery.announce()
         await self.discovery.tell_all(self._descriptor)

@@ -206,8 +206,9 @@ class Client:
         if len(raw) > MAX_ANSWER:
             raise RemoteProtocolError(f"answer from {peer.node_id} is over {MAX_ANSWER >> 20} MiB")
         if auth.H_SIG not in headers and status >= 400:
-            # Refused before our handler ran (e.g. by aiohttp itself): nothing to trust but the status.
-            raise PeerRefused(f"{peer.node_id} refused the request (HTTP {status})", status)
+            # Refused before it could sign (it did not recognise us, or aiohttp itself refused):
+            # the reason is shown for diagnosis but marked as unverified.
+            raise PeerRefused(f"{peer.node_id} refused the request (HTTP {status}{_unsigned_reason(raw)})", status)
         auth.verify_response(peer.sign_key, nonce=nonce, status=status, body=raw, headers=headers)
         try:
             answer = wire.unpack(raw, max_size=MAX_ANSWER, what="answer")
@@ -216,3 +217,12 @@ class Client:
         if not isinstance(answer, dict):
             raise RemoteProtocolError("answer: expected a map")
         return answer
+
+
+def _unsigned_reason(raw: bytes) -> str:
+    try:
+        reason = wire.unpack(raw, max_size=4096, what="answer").get("error", "")
+    except (ProtocolError, AttributeError):
+        return ""
+    reason = "".join(ch for ch in str(reason)[:160] if ch.isprintable())
+    return f", unverified reason: {reason}" if reason else ""

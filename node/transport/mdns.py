@@ -1,0 +1,463 @@
+"""LAN discovery: announce this node over mDNS / DNS-SD and collect hints about others.
+
+Owns the zeroconf instance, the `_cabinet._tcp.local.` registration and the
+table of hints (node ID -> where the LAN says it is). A hint is never trusted:
+anyone on the LAN can announce any node ID, so `verify_hint` fetches the
+self-signed descriptor at the hinted address and keeps the hint only if the ID
+derived from its key is the one announced; every later request and answer is
+signed, so whoever answers there must also hold the key (docs/discovery.md).
+
+The TXT record carries `v=1`, `id=<node ID>` and `name=<display name>` and
+nothing else: it is broadcast to everyone on the LAN, so no patient data and
+nothing about the practitioner beyond what a door plate shows.
+
+Everything runs on the event loop through python-zeroconf's `async_` API;
+only the interface enumeration (getifaddrs) goes to a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import ipaddress
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+import ifaddr
+from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+from ..errors import CabinetError, TransportError, UsageError
+from ..identity import Descriptor, normalize_node_id
+
+if TYPE_CHECKING:
+    from .client import Client
+
+log = logging.getLogger("cabinet.mdns")
+
+SERVICE = "_cabinet._tcp.local."
+TXT_VERSION = b"1"
+RESOLVE_MS = 3000           # how long one SRV/TXT/A resolution may wait for answers
+SETTLE = 1.5                # s: resolve again once peers' cache-flush (RFC 6762 §10.2, 1 s) is done
+VERIFY_TIMEOUT = 5.0        # s: a hint pointing into a black hole must not stall a lookup
+MAX_NAME_BYTES = 100        # display name in TXT (a TXT string is at most 255 bytes)
+MAX_SERVICES = 256          # announcements remembered; the oldest go first
+MAX_PER_NODE = 4            # unverified addresses kept per node ID (a flood cannot bury a lookup)
+MAX_ADDRS = 4               # addresses taken from one announcement
+
+HintCallback = Callable[[str, str], Any]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hint:
+    """Where the LAN says a node is. Unproven until `verified`."""
+
+    node_id: str
+    name: str
+    url: str
+    last_seen: int              # ms since the epoch, when an announcement last said so
+    verified: bool = False      # the descriptor fetched there carried this node ID
+
+
+@dataclass(slots=True)
+class _Entry:
+    node_id: str
+    name: str
+    urls: tuple[str, ...]
+    last_seen: int
+
+
+# --- TXT and addresses (pure) -------------------------------------------------
+
+def txt_record(node_id: str, name: str) -> dict[bytes, bytes]:
+    """The whole TXT record: a version, the node ID, the display name (cut to fit)."""
+    raw = name.strip().encode("utf-8")[:MAX_NAME_BYTES].decode("utf-8", "ignore")
+    return {b"v": TXT_VERSION, b"id": normalize_node_id(node_id).encode("ascii"), b"name": raw.encode("utf-8")}
+
+
+def parse_txt(props: dict[bytes, bytes | None]) -> tuple[str, str] | None:
+    """(node ID, display name) from a received TXT record, or None if it is not ours or not valid."""
+    if props.get(b"v") != TXT_VERSION:
+        return None
+    raw_id = props.get(b"id")
+    if not raw_id:
+        return None
+    try:
+        node_id = normalize_node_id(raw_id.decode("ascii"))
+    except (UnicodeDecodeError, UsageError):
+        return None
+    raw_name = (props.get(b"name") or b"")[:MAX_NAME_BYTES]
+    name = "".join(ch for ch in raw_name.decode("utf-8", "replace") if ch.isprintable()).strip()
+    return node_id, name
+
+
+def url_for(address: str, port: int) -> str | None:
+    """http://host:port for a usable LAN address; None for loopback, wildcard, multicast, scoped v6."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    if not 0 < port < 65536 or ip.is_loopback or ip.is_unspecified or ip.is_multicast:
+        return None
+    if ip.version == 6:
+        if ip.is_link_local:        # needs a zone index that a URL cannot carry portably
+            return None
+        return f"http://[{ip}]:{port}"
+    return f"http://{ip}:{port}"
+
+
+def _check_ips(addresses: Iterable[str]) -> list[str]:
+    out = []
+    for a in addresses:
+        try:
+            out.append(str(ipaddress.ip_address(a)))
+        except ValueError:
+            raise UsageError(f"not an IP address to announce on the LAN: {a!r}") from None
+    return out
+
+
+def interface_addresses(interfaces: Sequence[str] | None) -> list[str]:
+    """IPv4 addresses to bind to: each item an IPv4 address or an interface name; None = every LAN interface.
+
+    Blocking (getifaddrs): call it through asyncio.to_thread.
+    """
+    adapters = ifaddr.get_adapters()
+    by_name: dict[str, list[str]] = {}
+    for ad in adapters:
+        v4 = [ip.ip for ip in ad.ips if isinstance(ip.ip, str)]
+        by_name.setdefault(ad.name, []).extend(v4)
+        if ad.nice_name != ad.name:
+            by_name.setdefault(ad.nice_name, []).extend(v4)
+    if interfaces is None:
+        found = [a for ips in by_name.values() for a in ips if not ipaddress.ip_address(a).is_loopback]
+    else:
+        found = []
+        for item in interfaces:
+            try:
+                found.append(str(ipaddress.IPv4Address(item)))
+            except ValueError:
+                found.extend(by_name.get(item, []))
+    return list(dict.fromkeys(found))
+
+
+def _where(info: AsyncServiceInfo) -> tuple:
+    return info.port, sorted(info.parsed_addresses())
+
+
+# --- the LAN service ----------------------------------------------------------
+
+class Lan:
+    """Announce one node on the LAN and keep hints about the others.
+
+        lan = Lan(interfaces=["eth0"], on_hint=callback)
+        await lan.start(node_id, "Dr Anne Martin", 7400)      # port None: browse only
+        ...
+        await lan.update(addresses=["192.168.1.20"])          # moved: re-announce
+        await lan.stop()
+    """
+
+    def __init__(self, *, interfaces: Sequence[str] | None = None, on_hint: HintCallback | None = None,
+                 clock: Callable[[], int] = now_ms) -> None:
+        self.interfaces = list(interfaces) if interfaces is not None else None
+        self.callbacks: list[HintCallback] = [on_hint] if on_hint else []
+        self._clock = clock
+        self._zc: AsyncZeroconf | None = None
+        self._browser: AsyncServiceBrowser | None = None
+        self._info: AsyncServiceInfo | None = None
+        self._bound: list[str] = []
+        self._node_id = ""
+        self._name = ""
+        self._port: int | None = None
+        self._addresses: list[str] | None = None
+        self._host = f"cabinet-{os.urandom(4).hex()}.local."
+        self._services: dict[str, _Entry] = {}          # service instance name (lower case) -> entry
+        self._verified: set[tuple[str, str]] = set()     # (node ID, url)
+        self._resolving: dict[str, asyncio.Task] = {}
+        self._again: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def running(self) -> bool:
+        return self._zc is not None
+
+    @property
+    def announced_addresses(self) -> list[str]:
+        return self._info.parsed_addresses() if self._info is not None else []
+
+    # --- lifecycle --------------------------------------------------------------
+
+    async def start(self, node_id: str, name: str, port: int | None, addresses: list[str] | None = None) -> None:
+        """Start browsing and, when `port` is given, announce this node on `addresses` (default: the interfaces)."""
+        if self._zc is not None:
+            raise UsageError("LAN discovery is already running")
+        self._node_id = normalize_node_id(node_id)
+        self._name = name
+        self._port = port or None
+        self._addresses = _check_ips(addresses) if addresses is not None else None
+        bind = await asyncio.to_thread(interface_addresses, self.interfaces)
+        if not bind:
+            log.warning("no LAN interface with an IPv4 address%s: LAN discovery is off",
+                        f" among {', '.join(self.interfaces)}" if self.interfaces else "")
+            return
+        try:
+            self._zc = AsyncZeroconf(interfaces=bind, ip_version=IPVersion.V4Only)
+        except OSError as exc:
+            log.warning("cannot open the mDNS sockets (%s): LAN discovery is off", exc.strerror or exc)
+            return
+        self._bound = bind
+        self._browser = AsyncServiceBrowser(self._zc.zeroconf, SERVICE, handlers=[self._on_change])
+        if self._port:
+            self._info = self._service_info(self._node_id, bind)
+            # allow_name_change: someone squatting on our instance name cannot keep us off the LAN.
+            await self._zc.async_register_service(self._info, allow_name_change=True)
+        log.info("LAN discovery on %s%s", ", ".join(bind),
+                 f", announcing port {self._port}" if self._port else " (browsing only)")
+
+    async def update(self, *, port: int | None = None, addresses: list[str] | None = None,
+                     name: str | None = None) -> None:
+        """The node moved (new address or port) or was renamed: rebind to the interfaces' addresses, re-announce."""
+        if port is not None:
+            self._port = port or None
+        if addresses is not None:
+            self._addresses = _check_ips(addresses)
+        if name is not None:
+            self._name = name
+        if self._zc is None:
+            if self._node_id:
+                await self.start(self._node_id, self._name, self._port, self._addresses)
+            return
+        bind = await asyncio.to_thread(interface_addresses, self.interfaces)
+        if not bind:
+            log.warning("LAN interfaces have no IPv4 address any more: announcement withdrawn")
+            await self._withdraw()
+            return
+        if bind != self._bound:
+            await self._zc.async_update_interfaces(bind)
+            self._bound = bind
+        new = self._service_info(self._node_id, bind) if self._port else None
+        if self._info is not None and (new is None or _where(new) != _where(self._info)):
+            # Goodbye first (TTL 0 expires the old address at every peer within a second,
+            # however recently they heard it), then announce the new place afresh.
+            await self._withdraw()
+        if new is not None and self._info is None:
+            self._info = new
+            await self._zc.async_register_service(new, allow_name_change=True)
+        elif new is not None:
+            new.name = self._info.name           # the name we hold (renamed if someone squatted on it)
+            self._info = new
+            await self._zc.async_update_service(new)
+        log.info("LAN announcement updated: %s", ", ".join(self.announced_addresses) or "browsing only")
+
+    async def stop(self) -> None:
+        """Say goodbye on the LAN and stop browsing; the hints are kept (they are only hints)."""
+        if self._browser is not None:       # first, so no new resolution starts meanwhile
+            await self._browser.async_cancel()
+            self._browser = None
+        pending = [*self._resolving.values(), *self._tasks]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        self._resolving.clear()
+        self._tasks.clear()
+        if self._zc is not None:
+            await self._zc.async_close()        # unregisters: goodbye packets for our service
+            self._zc = None
+        self._info = None
+
+    async def _withdraw(self) -> None:
+        if self._info is not None and self._zc is not None:
+            await (await self._zc.async_unregister_service(self._info))     # the goodbyes are sent
+        self._info = None
+
+    def _service_info(self, instance_or_name: str, bind: list[str]) -> AsyncServiceInfo:
+        name = instance_or_name if instance_or_name.endswith(SERVICE) else f"{instance_or_name}.{SERVICE}"
+        addresses = self._addresses if self._addresses is not None else bind
+        return AsyncServiceInfo(SERVICE, name, port=self._port, properties=txt_record(self._node_id, self._name),
+                                server=self._host, parsed_addresses=addresses)
+
+    # --- browsing ---------------------------------------------------------------
+
+    def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str,
+                   state_change: ServiceStateChange) -> None:
+        """Called by the browser on the event loop; must not block, so resolution is a task."""
+        if state_change is ServiceStateChange.Removed:
+            self._forget(name)
+            return
+        if name in self._resolving:
+            self._again.add(name)
+            return
+        task = asyncio.get_running_loop().create_task(self._resolve_loop(name))
+        self._resolving[name] = task
+        task.add_done_callback(lambda _t, n=name: self._resolving.pop(n, None))
+
+    async def _resolve_loop(self, name: str) -> None:
+        while True:
+            self._again.discard(name)
+            await self._resolve(name)
+            await asyncio.sleep(SETTLE)         # a moved node's old address is flushed by now
+            await self._resolve(name)
+            if name not in self._again:
+                return
+
+    async def _resolve(self, name: str) -> None:
+        if self._zc is None:
+            return
+        info = AsyncServiceInfo(SERVICE, name)
+        if not await info.async_request(self._zc.zeroconf, RESOLVE_MS):
+            return
+        parsed = parse_txt(info.properties)
+        if parsed is None:
+            log.debug("ignoring %s: not a cabinet v1 announcement", name)
+            return
+        node_id, display = parsed
+        if node_id == self._node_id:
+            return
+        urls = [u for a in info.parsed_addresses() if info.port and (u := url_for(a, info.port))]
+        log.debug("%s resolved: %s at %s", name, node_id, ", ".join(urls) or "no usable address")
+        if urls:
+            self.record(name, node_id, display, urls[:MAX_ADDRS])
+
+    # --- the hint table -----------------------------------------------------------
+
+    def record(self, service: str, node_id: str, name: str, urls: Sequence[str]) -> None:
+        """Remember what one announcement says now (replacing what it said before)."""
+        key = service.lower()
+        old = self._services.pop(key, None)
+        known = set(old.urls) if old is not None and old.node_id == node_id else set()
+        self._services[key] = _Entry(node_id, name, tuple(dict.fromkeys(urls)), self._clock())
+        self._trim(node_id)
+        fresh = [u for u in self._services.get(key, _Entry("", "", (), 0)).urls if u not in known]
+        for url in fresh:
+            self._fire(node_id, url)
+
+    def _forget(self, service: str) -> None:
+        if self._services.pop(service.lower(), None) is not None:
+            self._prune_verified()
+
+    def _drop(self, node_id: str, url: str) -> None:
+        for key, e in list(self._services.items()):
+            if e.node_id == node_id and url in e.urls:
+                rest = tuple(u for u in e.urls if u != url)
+                if rest:
+                    e.urls = rest
+                else:
+                    del self._services[key]
+        self._verified.discard((node_id, url))
+
+    def _trim(self, node_id: str) -> None:
+        """Bound memory against a flood of announcements; verified places are kept longest."""
+        def age(item):
+            key, e = item
+            return (any((e.node_id, u) in self._verified for u in e.urls), e.last_seen)
+        same = sorted(((k, e) for k, e in self._services.items() if e.node_id == node_id), key=age)
+        for key, _ in same[:max(0, len(same) - MAX_PER_NODE)]:
+            del self._services[key]
+        if len(self._services) > MAX_SERVICES:
+            for key, _ in sorted(self._services.items(), key=age)[:len(self._services) - MAX_SERVICES]:
+                del self._services[key]
+        self._prune_verified()
+
+    def _prune_verified(self) -> None:
+        live = {(e.node_id, u) for e in self._services.values() for u in e.urls}
+        self._verified &= live
+
+    def _fire(self, node_id: str, url: str) -> None:
+        for cb in self.callbacks:
+            try:
+                result = cb(node_id, url)
+            except Exception:
+                log.exception("LAN hint callback failed")
+                continue
+            if inspect.isawaitable(result):
+                task = asyncio.ensure_future(result)
+                self._tasks.add(task)
+                task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("LAN hint callback failed: %s", task.exception())
+
+    def hints(self, node_id: str) -> list[str]:
+        """URLs the LAN gave for `node_id`: verified first, then the most recently announced."""
+        node_id = normalize_node_id(node_id)
+        seen: dict[str, tuple[bool, int]] = {}
+        for e in reversed(self._services.values()):         # ties: the latest announcement first
+            if e.node_id != node_id:
+                continue
+            for u in e.urls:
+                rank = ((node_id, u) in self._verified, e.last_seen)
+                seen[u] = max(seen.get(u, rank), rank)
+        return sorted(seen, key=lambda u: seen[u], reverse=True)
+
+    def peers(self) -> list[Hint]:
+        """Every hint the LAN gave (one per node and address), sorted by name then node ID."""
+        out: dict[tuple[str, str], Hint] = {}
+        for e in self._services.values():
+            for u in e.urls:
+                h = Hint(node_id=e.node_id, name=e.name, url=u, last_seen=e.last_seen,
+                         verified=(e.node_id, u) in self._verified)
+                prev = out.get((e.node_id, u))
+                if prev is None or prev.last_seen < h.last_seen:
+                    out[(e.node_id, u)] = h
+        return sorted(out.values(), key=lambda h: (h.name.casefold(), h.node_id, -h.last_seen, h.url))
+
+    # --- trust ----------------------------------------------------------------------
+
+    async def verify_hint(self, client: "Client", node_id: str, url: str) -> Descriptor | None:
+        """The descriptor at `url` if it is `node_id`'s own; None (and the hint dropped) if not.
+
+        The client's signed requests later prove
+        that whoever answers there holds the key; this check stops a LAN
+        answer from sending us, or our contacts' addresses, anywhere else.
+        """
+        node_id = normalize_node_id(node_id)
+        try:
+            async with asyncio.timeout(VERIFY_TIMEOUT):
+                raw = await client.fetch_descriptor(url)
+        except (TransportError, TimeoutError) as exc:
+            log.info("LAN hint %s for %s did not answer: %s", url, node_id, exc or "timeout")
+            return None
+        except UsageError as exc:
+            log.info("LAN hint %s for %s is not usable: %s", url, node_id, exc)
+            return None
+        except CabinetError:
+            raw = b""
+        try:
+            desc = Descriptor.from_wire(raw)
+        except CabinetError:
+            desc = None
+        if desc is None or desc.node_id != node_id:
+            log.warning("spoofed mDNS answer for %s at %s ignored", node_id, url)
+            self._drop(node_id, url)
+            return None
+        if desc.expired(self._clock()):
+            log.info("LAN hint %s for %s serves an expired descriptor", url, node_id)
+            return None
+        if any(node_id == e.node_id and url in e.urls for e in self._services.values()):
+            self._verified.add((node_id, url))
+        return desc
+
+
+async def browse(seconds: float, *, interfaces: Sequence[str] | None = None, own_id: str | None = None,
+                 client: "Client | None" = None) -> list[Hint]:
+    """One-shot: listen on the LAN for `seconds`, then return the peers (verified when a client is given)."""
+    lan = Lan(interfaces=interfaces)
+    await lan.start(own_id or _NOBODY, "", None)
+    try:
+        await asyncio.sleep(seconds)
+        if client is not None:
+            await asyncio.gather(*(lan.verify_hint(client, h.node_id, h.url) for h in lan.peers()))
+        return lan.peers()
+    finally:
+        await lan.stop()
+
+
+_NOBODY = "AAAA-AAAA-AAAA-AAAA-AAAA-AAAA-AAAA-AAAA-A"     # all-zero ID: filters nothing real
