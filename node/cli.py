@@ -24,6 +24,7 @@ import segno
 from .config import default_data_dir
 from .errors import CabinetError, UsageError
 from .node import Node, Summary
+from .transport import mdns
 
 log = logging.getLogger("cabinet.cli")
 
@@ -87,7 +88,7 @@ def print_summaries(rows: list[Summary], header: str) -> None:
 async def cmd_init(a) -> int:
     node_id = await Node.init(a.data, passphrase(confirm=True), name=a.name, specialty=a.specialty, city=a.city,
                               rpps=a.rpps, listen=a.listen, advertise=a.advertise or (),
-                              bootstraps=a.bootstrap or ())
+                              bootstraps=a.bootstrap or (), lan=not a.no_lan)
     print(f"Practice node created in {a.data}")
     print(f"Node ID: {node_id}")
     print("Next: 'cabinet run' to start it, 'cabinet id' to share your descriptor with colleagues.")
@@ -98,6 +99,8 @@ async def cmd_run(a) -> int:
     async with Node.open(a.data, passphrase=passphrase()) as node:
         if a.bootstrap:
             node.use_bootstraps(a.bootstrap)
+        if a.no_lan:
+            node.config.lan = False
         host, port = await node.serve(a.listen, accept=not a.no_listen, pull_interval=a.pull_every)
         where = f"listening on http://{host}:{port}" if port else "not listening (delivering and pulling only)"
         print(f"cabinet node {node.node_id} ({node.config.name}) {where}", flush=True)
@@ -183,6 +186,19 @@ async def cmd_directory_announce(a) -> int:
             if r != "ok":
                 print(f"cabinet: {url}: {r}", file=sys.stderr)
         return 0 if ok else 1
+
+
+async def cmd_peers(a) -> int:
+    async with Node.open(a.data, passphrase=passphrase()) as node:
+        hints = await mdns.browse(a.wait, own_id=node.node_id, client=node.client)
+        names = {c["node_id"]: c["name"] for c in await node.contacts()}
+    if not hints:
+        print(f"No cabinet node answered on the LAN in {a.wait:g} s.")
+    for h in hints:
+        state = "verified" if h.verified else "NOT verified (impostor, or not answering)"
+        known = f"  [contact: {names[h.node_id]}]" if h.node_id in names else ""
+        print(f"{h.name[:24]:24}  {h.node_id}  {h.url:26}  {state}{known}")
+    return 0
 
 
 async def cmd_keys_rotate(a) -> int:
@@ -379,11 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:7400)")
     sp.add_argument("--advertise", action="append", help="address colleagues reach this node at (repeatable)")
     sp.add_argument("--bootstrap", action="append", metavar="URL", help="a directory server to announce to (repeatable)")
+    sp.add_argument("--no-lan", action="store_true", help="never announce this node on the LAN (mDNS)")
     sp = add("run", cmd_run, "run the node until Ctrl-C or SIGTERM")
     sp.add_argument("--listen", help="HOST:PORT (default: as configured, 127.0.0.1:7400)")
     sp.add_argument("--no-listen", action="store_true",
                     help="accept no connections (behind a router): push what is sent, pull what is waiting")
     sp.add_argument("--bootstrap", action="append", metavar="URL", help="add a directory server (kept in the config)")
+    sp.add_argument("--no-lan", action="store_true", help="this time, neither announce nor browse on the LAN")
     sp.add_argument("--pull-every", type=float, default=None, metavar="SECONDS",
                     help="how often to ask colleagues for records waiting for us (default 30)")
     sp = add("id", cmd_id, "print the node ID and the signed descriptor")
@@ -416,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("node_id")
     sp = add("announce", cmd_directory_announce, "publish this node's descriptor now", directory)
     sp.add_argument("--bootstrap", action="append", metavar="URL", help="add a directory server first")
+
+    sp = add("peers", cmd_peers, "cabinet nodes announcing themselves on this LAN (mDNS)")
+    sp.add_argument("--wait", type=float, default=3.0, metavar="SECONDS", help="how long to listen (default 3)")
 
     keys = sub.add_parser("keys", help="key rotation and revocation").add_subparsers(
         dest="keys_command", required=True, metavar="ACTION")

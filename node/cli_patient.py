@@ -12,6 +12,7 @@ import argparse
 import base64
 import binascii
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -56,7 +57,7 @@ def from_text(text: str) -> bytes:
 
 def _read_arg(value: str) -> str:
     """A token given inline, or the name of a file that holds it."""
-    if value.startswith("v") and "." in value and not Path(value).exists():
+    if re.match(r"v[0-9]+\.[a-z]+\.", value.strip()):
         return value.strip()
     try:
         return Path(value).expanduser().read_text("utf-8").strip()

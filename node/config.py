@@ -40,6 +40,7 @@ class Config:
     listen: str = DEFAULT_LISTEN
     advertise: list[str] = field(default_factory=list)
     bootstraps: list[str] = field(default_factory=list)
+    lan: bool = True                       # announce and browse on the LAN (mDNS) when not on loopback
     descriptor_seq: int = 1
 
     def save(self, folder: Path) -> None:

@@ -19,7 +19,6 @@ import time
 from typing import TYPE_CHECKING, AsyncIterator
 
 from .errors import CabinetError, InvalidEnvelope, InvalidSignature, RemoteProtocolError, TransportError
-from .identity import Descriptor
 from .intake import ack_from_wire, ack_wire, check_receipt
 from .store import blobs as blobstore
 from .store import records
@@ -41,10 +40,6 @@ FAILURES = (TransportError, InvalidSignature, RemoteProtocolError, InvalidEnvelo
 def _now() -> int:
     from .node import now_ms
     return now_ms()
-
-
-def peer_of(contact: dict) -> Peer:
-    return Peer(contact["node_id"], contact["sign_key"], Descriptor.from_wire(contact["descriptor"]).addresses)
 
 
 class _Loop:
@@ -137,7 +132,7 @@ class Courier(_Loop):
             if why:
                 await self._failed(recipient, rows, why)
                 return why
-            peer = peer_of(contact)
+            peer = self.node.peer(contact)
             for unit in _units(rows):
                 try:
                     if len(unit) == 1 and unit[0]["body_size"] > blobstore.INLINE_MAX:
@@ -228,7 +223,7 @@ async def send_receipts(node: "Node", node_id: str, rows: list[dict] | None = No
     if not rows or contact is None:
         return
     try:
-        await node.client.send_receipts(peer_of(contact), [r["receipt"] for r in rows])
+        await node.client.send_receipts(node.peer(contact), [r["receipt"] for r in rows])
     except FAILURES as exc:
         log.info("receipts to %s not sent yet: %s", node_id, exc)
         return
@@ -321,7 +316,7 @@ class Puller(_Loop):
         fetch: asyncio.Future | None = None
         try:
             await send_receipts(self.node, node_id)
-            peer, total = peer_of(contact), 0
+            peer, total = self.node.peer(contact), 0
             start = await self.node.store.call(records.stream_in, node_id)
             after = start.upto
             fetch = asyncio.ensure_future(self.node.client.fetch_outbox(peer, start.upto, MAX_BATCH_ITEMS, after))

@@ -17,17 +17,18 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from .courier import _Loop, peer_of
+from .courier import _Loop
 from .errors import CabinetError, NotFound, UsageError
 from .identity import Descriptor, normalize_node_id
 from .store import records
-from .transport import directory
+from .transport import directory, mdns
 
 if TYPE_CHECKING:
     from .node import Node
 
 log = logging.getLogger("cabinet.discovery")
 REFRESH_EVERY = 600.0
+LAN_LISTEN = 2.0             # seconds a one-shot command listens for LAN announcements
 
 
 class Discovery(_Loop):
@@ -63,7 +64,7 @@ class Discovery(_Loop):
             if c["revoked"]:
                 continue
             try:
-                await self.node.client.call(peer_of(c), "POST", "/v1/descriptor", desc.signed)
+                await self.node.client.call(self.node.peer(c), "POST", "/v1/descriptor", desc.signed)
                 told += 1
             except CabinetError as exc:
                 log.info("could not tell %s about our new descriptor: %s", c["node_id"], exc)
@@ -78,8 +79,9 @@ class Discovery(_Loop):
         """Resolve a node ID: LAN hints, then bootstraps, then the last known address."""
         node_id = normalize_node_id(node_id)
         best: Descriptor | None = None
-        for found in (await self._from_lan(node_id), await self._from_bootstraps(node_id, min_seq),
-                      await self._from_known_address(node_id)):
+        for source in (lambda: self._from_lan(node_id), lambda: self._from_bootstraps(node_id, min_seq),
+                       lambda: self._from_known_address(node_id)):
+            found = await source()
             if found is not None and found.node_id == node_id and (best is None or found.seq > best.seq):
                 best = found
             if best is not None and best.seq > min_seq:
@@ -87,12 +89,24 @@ class Discovery(_Loop):
         return best
 
     async def _from_lan(self, node_id: str) -> Descriptor | None:
-        if self.lan is None:
+        if self.lan is not None:
+            for url in self.lan.hints(node_id):
+                desc = await self.lan.verify_hint(self.node.client, node_id, url)
+                if desc is not None:
+                    return desc
             return None
-        for url in self.lan.hints(node_id):
-            desc = await self.lan.verify_hint(self.node.client, node_id, url)
-            if desc is not None:
-                return desc
+        if not self.node.config.lan:
+            return None
+        # Not running (a one-shot command): listen to the LAN briefly; hints come back verified.
+        hints = await mdns.browse(LAN_LISTEN, own_id=self.node.node_id, client=self.node.client)
+        for h in hints:
+            if h.node_id == node_id and h.verified:
+                try:
+                    desc = Descriptor.from_wire(await self.node.client.fetch_descriptor(h.url))
+                except CabinetError:
+                    continue
+                if desc.node_id == node_id:
+                    return desc
         return None
 
     async def _from_bootstraps(self, node_id: str, min_seq: int) -> Descriptor | None:

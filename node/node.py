@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import ipaddress
 import logging
 import mimetypes
 import os
@@ -33,7 +34,8 @@ from .store import blobs as blobstore
 from .store import keyfile, records
 from .store.audit import verify as verify_audit
 from .store.db import DBFILE, Store
-from .transport.client import Client
+from .transport.client import Client, Peer
+from .transport.mdns import Lan
 from .serving import NodeHandler
 from .transport.server import Server
 
@@ -93,6 +95,7 @@ class Node:
         self.courier = Courier(self)
         self.puller = Puller(self)
         self.discovery = Discovery(self)
+        self.lan: Lan | None = None
         self._server: Server | None = None
         self._lock_fd: int | None = None
         self._bound_port: int | None = None
@@ -103,7 +106,7 @@ class Node:
     @staticmethod
     async def init(folder: str | Path, passphrase: str, *, name: str, specialty: str = "", city: str = "",
                    rpps: str = "", listen: str | None = None, advertise: Sequence[str] = (),
-                   bootstraps: Sequence[str] = ()) -> str:
+                   bootstraps: Sequence[str] = (), lan: bool = True) -> str:
         """Create a practice node in `folder`; returns its node ID."""
         folder = prepare_folder(Path(folder), create=True)
         if (folder / keyfile.KEYFILE).exists():
@@ -111,7 +114,7 @@ class Node:
         if not name.strip():
             raise UsageError("the practitioner's display name must not be empty")
         cfg = Config(name=name.strip(), specialty=specialty, city=city, rpps=rpps, advertise=list(advertise),
-                     bootstraps=[_check_url(u) for u in bootstraps])
+                     bootstraps=[_check_url(u) for u in bootstraps], lan=lan)
         if listen:
             parse_listen(listen)
             cfg.listen = listen
@@ -141,6 +144,9 @@ class Node:
         await self.courier.stop()
         await self.puller.stop()
         await self.discovery.stop()
+        if self.lan:
+            await self.lan.stop()                 # goodbye packets
+            self.lan = self.discovery.lan = None
         if self._server:
             await self._server.stop()
             self._server = None
@@ -163,6 +169,7 @@ class Node:
         host, port = parse_listen(listen or self.config.listen)
         if not accept:
             await self.store.call(records.log, at=now_ms(), event="node-started", detail="not listening")
+            await self._start_lan(host, None)
             self.courier.start()
             self.puller.start()
             self.discovery.start()
@@ -176,10 +183,41 @@ class Node:
         if self.config.addresses(self._bound_port) != self._descriptor.addresses and not self._descriptor.revoked:
             await self._descriptor_changed()          # peers replace older descriptors by sequence number
         await self.store.call(records.log, at=now_ms(), event="node-started")
+        await self._start_lan(host, self._server.port)
         self.courier.start()
         self.puller.start()
         self.discovery.start()
         return host, self._server.port
+
+    async def _start_lan(self, host: str, port: int | None) -> None:
+        """Announce on the LAN (and browse it) unless disabled or only listening on loopback."""
+        ip = None if host in ("0.0.0.0", "::", "") else host
+        if not self.config.lan or (ip is not None and ipaddress.ip_address(ip).is_loopback) \
+                or self._descriptor.revoked:
+            return
+        self.lan = Lan(interfaces=[ip] if ip else None, on_hint=self._on_lan_hint)
+        await self.lan.start(self.node_id, self.config.name, port, addresses=[ip] if ip and port else None)
+        self.discovery.lan = self.lan
+
+    async def _on_lan_hint(self, node_id: str, url: str) -> None:
+        """A contact announced itself on the LAN: check it is really them, learn, deliver."""
+        row = await self.store.call(records.contact_by_id, node_id)
+        if row is None or row["revoked"] or self.lan is None:
+            return                                # strangers are listed, never fetched unasked
+        desc = await self.lan.verify_hint(self.client, node_id, url)
+        if desc is None:
+            return
+        if desc.seq > row["seq"]:
+            await self.learn_descriptor(desc)
+        self.courier.wake()
+
+    def peer(self, contact: dict) -> Peer:
+        """Where to reach a contact: verified LAN addresses first, then its descriptor's."""
+        urls = list(Descriptor.from_wire(contact["descriptor"]).addresses)
+        if self.lan is not None:
+            lan = [h.url for h in self.lan.peers() if h.node_id == contact["node_id"] and h.verified]
+            urls = lan + [u for u in urls if u not in lan]
+        return Peer(contact["node_id"], contact["sign_key"], tuple(urls))
 
     def _take_run_lock(self) -> None:
         fd = os.open(self.folder / "run.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -231,6 +269,12 @@ class Node:
         self.config.save(self.folder)
         self._descriptor = self._sign_descriptor(revoked)
         self.discovery.wake()
+        if self.lan is not None:
+            if revoked:
+                await self.lan.stop()
+                self.lan = self.discovery.lan = None
+            else:
+                await self.lan.update(name=self.config.name)
 
     async def add_contact(self, source: str | bytes, *, name: str | None = None,
                           expect_id: str | None = None) -> tuple[dict, str]:

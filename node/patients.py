@@ -22,9 +22,11 @@ patient events use it; envelope and delivery times use the node's real clock.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -316,16 +318,29 @@ class PatientService:
     async def request(self, practice: str, *, token: str | None = None, emergency: str | None = None,
                       patient: str | None = None, want: str | None = None, pull: bool = True) -> list[str]:
         """Ask `practice` (a contact) for records; with pull=True, fetch what it queued for us now."""
-        from .courier import peer_of
         contact = await self.node.contact(practice)
-        answer = await access.request_access(self.node.client, peer_of(contact), token=token, emergency=emergency,
+        answer = await access.request_access(self.node.client, self.node.peer(contact), token=token, emergency=emergency,
                                              patient=patient, want=want)
         ids = answer.get("records")
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise ConsentRefused("the practice's answer lists no records")
-        if pull and ids:
+        if pull and ids and not self._served_by_another_process():
             await self.node.puller.pull_from(contact)
         return ids
+
+    def _served_by_another_process(self) -> bool:
+        """Is `cabinet run` holding this folder? Then its server takes the records the practice
+        pushes; pulling them here as well would race it for the same incoming files."""
+        if getattr(self.node, "_lock_fd", None) is not None:
+            return False
+        fd = os.open(self.node.folder / "run.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
 
     async def fetch_history(self, card: Card, *, now: int | None = None) -> tuple[bytes, dict]:
         """The card's history from its practice (here, or a contact); checked against the practice's key."""
@@ -334,16 +349,16 @@ class PatientService:
         if card.practice == self.node.node_id:
             raw = await self.history_for(token, caller=self.node.node_id, now=now)
         else:
-            from .courier import peer_of
-            raw = await access.fetch_history(self.node.client, peer_of(await self.node.contact(card.practice)), token)
+            peer = self.node.peer(await self.node.contact(card.practice))
+            raw = await access.fetch_history(self.node.client, peer, token)
         return raw, check_history(raw, card)
 
     async def send_revocation(self, card_practice: str, token: str) -> str:
         """Apply a revocation here if this is the card's practice, else carry it there."""
         if normalize_node_id(card_practice) == self.node.node_id:
             return await self.apply_revocation(token, caller=None)
-        from .courier import peer_of
-        answer = await access.send_revocation(self.node.client, peer_of(await self.node.contact(card_practice)), token)
+        peer = self.node.peer(await self.node.contact(card_practice))
+        answer = await access.send_revocation(self.node.client, peer, token)
         return str(answer.get("revoked", ""))
 
 

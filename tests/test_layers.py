@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PURE = {"node.errors", "node.wire", "node.crypto", "node.identity", "node.envelope", "node.consent"}
 IO_LIBS = {"asyncio", "aiohttp", "sqlite3", "sqlite_utils", "zeroconf", "socket", "threading",
            "concurrent", "subprocess", "selectors"}
-WIRING = {"node", "node.node", "node.serving", "node.courier", "node.intake", "node.cli", "node.__main__"}
+WIRING = {"node", "node.node", "node.serving", "node.courier", "node.intake", "node.discovery", "node.cli",
+          "node.__main__"}
 
 
 def module_name(path: Path) -> str:

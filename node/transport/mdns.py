@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import ifaddr
-from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+from zeroconf import IPVersion, NotRunningException, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from ..errors import CabinetError, TransportError, UsageError
@@ -45,8 +45,9 @@ SETTLE = 1.5                # s: resolve again once peers' cache-flush (RFC 6762
 VERIFY_TIMEOUT = 5.0        # s: a hint pointing into a black hole must not stall a lookup
 MAX_NAME_BYTES = 100        # display name in TXT (a TXT string is at most 255 bytes)
 MAX_SERVICES = 256          # announcements remembered; the oldest go first
-MAX_PER_NODE = 4            # unverified addresses kept per node ID (a flood cannot bury a lookup)
+MAX_PER_NODE = 4            # announcements kept per node ID, verified ones last (a flood cannot bury a lookup)
 MAX_ADDRS = 4               # addresses taken from one announcement
+WATCH_EVERY = 30.0          # s: how often the interfaces' addresses are compared (DHCP renumbering)
 
 HintCallback = Callable[[str, str], Any]
 
@@ -159,13 +160,19 @@ class Lan:
         lan = Lan(interfaces=["eth0"], on_hint=callback)
         await lan.start(node_id, "Dr Anne Martin", 7400)      # port None: browse only
         ...
-        await lan.update(addresses=["192.168.1.20"])          # moved: re-announce
+        await lan.update(port=7401)                           # re-announce (moves are also noticed alone)
         await lan.stop()
+
+    `interfaces`: interface names or IPv4 addresses to bind to (default: every
+    non-loopback interface). Every `watch` seconds the interfaces' addresses
+    are compared with the bound ones; a change (the box was renumbered)
+    re-announces at once. None disables the watch.
     """
 
     def __init__(self, *, interfaces: Sequence[str] | None = None, on_hint: HintCallback | None = None,
-                 clock: Callable[[], int] = now_ms) -> None:
+                 watch: float | None = WATCH_EVERY, clock: Callable[[], int] = now_ms) -> None:
         self.interfaces = list(interfaces) if interfaces is not None else None
+        self.watch = watch
         self.callbacks: list[HintCallback] = [on_hint] if on_hint else []
         self._clock = clock
         self._zc: AsyncZeroconf | None = None
@@ -182,6 +189,8 @@ class Lan:
         self._resolving: dict[str, asyncio.Task] = {}
         self._again: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
+        self._watcher: asyncio.Task | None = None
+        self._lock = asyncio.Lock()             # start, update and the watcher, one at a time
 
     @property
     def running(self) -> bool:
@@ -194,13 +203,26 @@ class Lan:
     # --- lifecycle --------------------------------------------------------------
 
     async def start(self, node_id: str, name: str, port: int | None, addresses: list[str] | None = None) -> None:
-        """Start browsing and, when `port` is given, announce this node on `addresses` (default: the interfaces)."""
+        """Start browsing and, when `port` is given, announce this node on `addresses` (default: the interfaces).
+
+        Without a usable interface this logs a warning and stays off (`running`
+        is False) until the watch sees one: discovery is a convenience, never
+        a reason for the node not to start.
+        """
         if self._zc is not None:
             raise UsageError("LAN discovery is already running")
-        self._node_id = normalize_node_id(node_id)
+        if port and not node_id:
+            raise UsageError("announcing on the LAN needs the node ID")
+        self._node_id = normalize_node_id(node_id) if node_id else ""
         self._name = name
         self._port = port or None
         self._addresses = _check_ips(addresses) if addresses is not None else None
+        async with self._lock:
+            await self._open()
+        if self.watch and self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="cabinet-mdns-watch")
+
+    async def _open(self) -> None:
         bind = await asyncio.to_thread(interface_addresses, self.interfaces)
         if not bind:
             log.warning("no LAN interface with an IPv4 address%s: LAN discovery is off",
@@ -229,14 +251,18 @@ class Lan:
             self._addresses = _check_ips(addresses)
         if name is not None:
             self._name = name
+        async with self._lock:
+            await self._update()
+
+    async def _update(self) -> None:
         if self._zc is None:
-            if self._node_id:
-                await self.start(self._node_id, self._name, self._port, self._addresses)
+            await self._open()
             return
         bind = await asyncio.to_thread(interface_addresses, self.interfaces)
         if not bind:
             log.warning("LAN interfaces have no IPv4 address any more: announcement withdrawn")
             await self._withdraw()
+            self._bound = []
             return
         if bind != self._bound:
             await self._zc.async_update_interfaces(bind)
@@ -255,12 +281,25 @@ class Lan:
             await self._zc.async_update_service(new)
         log.info("LAN announcement updated: %s", ", ".join(self.announced_addresses) or "browsing only")
 
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.watch)
+            try:
+                bind = await asyncio.to_thread(interface_addresses, self.interfaces)
+                if bind != self._bound:
+                    log.info("LAN addresses changed (%s): re-announcing", ", ".join(bind) or "none left")
+                    async with self._lock:
+                        await self._update()
+            except (OSError, CabinetError, NotRunningException) as exc:
+                log.warning("LAN discovery could not follow an address change: %s", exc)
+
     async def stop(self) -> None:
         """Say goodbye on the LAN and stop browsing; the hints are kept (they are only hints)."""
         if self._browser is not None:       # first, so no new resolution starts meanwhile
             await self._browser.async_cancel()
             self._browser = None
-        pending = [*self._resolving.values(), *self._tasks]
+        pending = [*self._resolving.values(), *self._tasks, *([self._watcher] if self._watcher else [])]
+        self._watcher = None
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
@@ -295,7 +334,7 @@ class Lan:
             return
         task = asyncio.get_running_loop().create_task(self._resolve_loop(name))
         self._resolving[name] = task
-        task.add_done_callback(lambda _t, n=name: self._resolving.pop(n, None))
+        task.add_done_callback(lambda t, n=name: (self._resolving.pop(n, None), self._task_failed(t, "resolving")))
 
     async def _resolve_loop(self, name: str) -> None:
         while True:
@@ -310,7 +349,10 @@ class Lan:
         if self._zc is None:
             return
         info = AsyncServiceInfo(SERVICE, name)
-        if not await info.async_request(self._zc.zeroconf, RESOLVE_MS):
+        try:
+            if not await info.async_request(self._zc.zeroconf, RESOLVE_MS):
+                return
+        except NotRunningException:         # stopping
             return
         parsed = parse_txt(info.properties)
         if parsed is None:
@@ -378,12 +420,12 @@ class Lan:
             if inspect.isawaitable(result):
                 task = asyncio.ensure_future(result)
                 self._tasks.add(task)
-                task.add_done_callback(self._task_done)
+                task.add_done_callback(lambda t: (self._tasks.discard(t), self._task_failed(t, "hint callback")))
 
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
+    @staticmethod
+    def _task_failed(task: asyncio.Task, what: str) -> None:
         if not task.cancelled() and task.exception() is not None:
-            log.error("LAN hint callback failed: %s", task.exception())
+            log.error("LAN discovery: %s failed", what, exc_info=task.exception())
 
     def hints(self, node_id: str) -> list[str]:
         """URLs the LAN gave for `node_id`: verified first, then the most recently announced."""
@@ -414,16 +456,16 @@ class Lan:
     async def verify_hint(self, client: "Client", node_id: str, url: str) -> Descriptor | None:
         """The descriptor at `url` if it is `node_id`'s own; None (and the hint dropped) if not.
 
-        The client's signed requests later prove
-        that whoever answers there holds the key; this check stops a LAN
-        answer from sending us, or our contacts' addresses, anywhere else.
+        This stops a LAN answer from sending us, or our contacts' addresses,
+        to another node. That whoever answers there also holds the key is
+        proven by the client's signed requests and the signed answers.
         """
         node_id = normalize_node_id(node_id)
         try:
             async with asyncio.timeout(VERIFY_TIMEOUT):
                 raw = await client.fetch_descriptor(url)
         except (TransportError, TimeoutError) as exc:
-            log.info("LAN hint %s for %s did not answer: %s", url, node_id, exc or "timeout")
+            log.info("LAN hint %s for %s did not answer: %s", url, node_id, str(exc) or "timeout")
             return None
         except UsageError as exc:
             log.info("LAN hint %s for %s is not usable: %s", url, node_id, exc)
@@ -449,8 +491,8 @@ class Lan:
 async def browse(seconds: float, *, interfaces: Sequence[str] | None = None, own_id: str | None = None,
                  client: "Client | None" = None) -> list[Hint]:
     """One-shot: listen on the LAN for `seconds`, then return the peers (verified when a client is given)."""
-    lan = Lan(interfaces=interfaces)
-    await lan.start(own_id or _NOBODY, "", None)
+    lan = Lan(interfaces=interfaces, watch=None)
+    await lan.start(own_id or "", "", None)
     try:
         await asyncio.sleep(seconds)
         if client is not None:
@@ -459,5 +501,3 @@ async def browse(seconds: float, *, interfaces: Sequence[str] | None = None, own
     finally:
         await lan.stop()
 
-
-_NOBODY = "AAAA-AAAA-AAAA-AAAA-AAAA-AAAA-AAAA-AAAA-A"     # all-zero ID: filters nothing real
