@@ -21,6 +21,7 @@ from pathlib import Path
 
 import segno
 
+from . import cli_patient
 from .config import default_data_dir
 from .errors import CabinetError, UsageError
 from .node import Node, Summary
@@ -476,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="the audit log").add_subparsers(dest="audit_command", required=True,
                                                                          metavar="ACTION")
     add("verify", cmd_audit_verify, "check the audit log's hash chain", audit)
+    cli_patient.register(sub, add, audit)
     return p
 
 

@@ -29,6 +29,7 @@ from .discovery import Discovery
 from .envelope import Attachment, Head, Manifest, Recipient, Sealer
 from .errors import AlreadyExists, CabinetError, NotFound, TooLarge, UsageError
 from .intake import Intake, make_receipt
+from .patients import PatientService
 from .identity import DESCRIPTOR_PREFIX, Descriptor, normalize_node_id, parse_node_id, safety_code
 from .store import blobs as blobstore
 from .store import keyfile, records
@@ -94,6 +95,7 @@ class Node:
         self.handler = NodeHandler(self)
         self.courier = Courier(self)
         self.puller = Puller(self)
+        self.patients = PatientService(self)
         self.discovery = Discovery(self)
         self.lan: Lan | None = None
         self._server: Server | None = None

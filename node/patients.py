@@ -173,6 +173,10 @@ class PatientService:
         now, requester = await self._now(now), normalize_node_id(requester)
         if (token is None) == (reason is None):
             await self._refuse(requester, now, "give either a grant token or an emergency reason")
+        contact = await self.store.call(records.contact_by_id, requester)
+        if contact is None or contact.get("held") or contact.get("revoked"):
+            await self._refuse(requester, now, f"{requester} is not a confirmed contact of this practice: "
+                                               "nothing is sent to it")
         if token is None:
             return await self._break_glass(requester, reason, patient_ref, want, now)
         grant, patient = await self._check(requester, token, now)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 from .errors import CabinetError, NotFound, RemoteProtocolError
 from .identity import Descriptor
 from .intake import ack_from_wire, ack_wire, check_receipt, make_receipt
+from .patients import PatientEndpoints
 from .store import blobs as blobstore
 from .store import records
 from .sync.stream import SenderStream, Want
@@ -40,7 +41,7 @@ async def _drain(body: AsyncIterator[bytes], limit: int) -> None:
             return
 
 
-class NodeHandler:
+class NodeHandler(PatientEndpoints):
     def __init__(self, node: "Node") -> None:
         self.node = node
 

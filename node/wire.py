@@ -99,7 +99,7 @@ def unpack(data: bytes, *, max_size: int = 1 << 20, what: str = "message") -> An
         # str/bin mix-ups and any other second spelling of the same value.
         if msgpack.packb(obj, use_bin_type=True) != bytes(data):
             raise ValueError("not in canonical form")
-    except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData, RecursionError) as exc:
+    except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData, RecursionError):
         raise RemoteProtocolError(f"{what}: malformed or damaged") from None
     return obj
 

@@ -17,7 +17,7 @@ PURE = {"node.errors", "node.wire", "node.crypto", "node.identity", "node.envelo
 IO_LIBS = {"asyncio", "aiohttp", "sqlite3", "sqlite_utils", "zeroconf", "socket", "threading",
            "concurrent", "subprocess", "selectors"}
 WIRING = {"node", "node.node", "node.serving", "node.courier", "node.intake", "node.discovery", "node.cli",
-          "node.__main__"}
+          "node.__main__", "node.patients", "node.card", "node.cli_patient"}
 
 
 def module_name(path: Path) -> str:

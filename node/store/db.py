@@ -18,6 +18,7 @@ from typing import Any, Callable, TypeVar
 import sqlite_utils
 
 from ..errors import CorruptStore, StoreError
+from .patients import SCHEMA as PATIENTS_SCHEMA
 
 DBFILE = "cabinet.db"
 SCHEMA_VERSION = 1
@@ -117,7 +118,7 @@ def connect(path: Path) -> sqlite_utils.Database:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA secure_delete=ON")
         conn.execute("PRAGMA busy_timeout=30000")
-        conn.executescript(SCHEMA)
+        conn.executescript(SCHEMA + PATIENTS_SCHEMA)
         version = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if version is None:
             conn.execute("INSERT INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))

@@ -28,10 +28,10 @@ from aiohttp import web
 
 from .. import wire
 from ..envelope import MAX_HEAD
-from ..errors import (AuthenticationFailed, CabinetError, CryptoError, NotFound, RemoteProtocolError, StoreError,
-                      TooLarge, UsageError)
+from ..errors import (AuthenticationFailed, CabinetError, ConsentRefused, CryptoError, NotFound, RemoteProtocolError,
+                      StoreError, TooLarge, UsageError)
 from ..identity import Identity
-from . import auth
+from . import access, auth
 
 log = logging.getLogger("cabinet.server")
 MAX_SMALL_BODY = 1 << 20
@@ -77,7 +77,7 @@ _NONCE = web.RequestKey("nonce", bytes) if hasattr(web, "RequestKey") else "cabi
 
 STATUS = [
     (AuthenticationFailed, 401), (TooLarge, 413), (NotFound, 404), (RemoteProtocolError, 400),
-    (CryptoError, 422), (StoreError, 507), (UsageError, 400),
+    (CryptoError, 422), (StoreError, 507), (UsageError, 400), (ConsentRefused, 403),
 ]
 
 
@@ -266,6 +266,7 @@ def make_app(handler: Handler) -> web.Application:
     app.router.add_get("/v1/outbox", get_outbox)
     app.router.add_post("/v1/acks", post_acks)
     app.router.add_post("/v1/receipts", post_receipts)
+    access.add_routes(app)
     return app
 
 
