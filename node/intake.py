@@ -11,11 +11,15 @@ waits in incoming/ for the rest and is never listed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
+import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, AsyncIterator, Iterator
 
 from . import crypto, wire
 from .envelope import Head, open_bytes
@@ -118,44 +122,51 @@ class Intake:
             return Outcome("busy")
         self._busy.add(rid)
         try:
-            have = self.have(rid)
-            if offset != have:
-                return Outcome("offset", have=have)
-            free = await asyncio.to_thread(lambda: shutil.disk_usage(node.folder).free)
-            if free < (h.body_size - have) + DISK_MARGIN:
-                exc = StoreError("not enough disk space for this record; try again later")
-                await self.refused(rid, sender, exc)
-                raise exc
-            inbound = await self._run(blobstore.Inbound, node.blobs.incoming_path(rid), h, key)
-            try:
-                await self._pump(inbound, body)
-                log.info("record %s: %d body bytes received from offset %d", rid, inbound.size - have, have)
-            except (InvalidEnvelope, StoreError) as exc:
-                await self._discard(inbound, rid, sender, exc)
-                raise
-            except BaseException:
-                # The other side went away mid-transfer: keep what arrived, for resuming.
-                await asyncio.shield(self._run(inbound.close))
-                log.info("record %s: %d body bytes received from offset %d", rid, inbound.size - have, have)
-                log.info("record %s: transfer interrupted at %d of %d bytes", rid, inbound.size, h.body_size)
-                raise
-            if not inbound.complete:
-                await self._run(inbound.close)
-                return Outcome("partial", have=inbound.size)
-            try:
-                manifest = await self._run(inbound.finish)
-            except InvalidEnvelope as exc:
-                await self._discard(inbound, rid, sender, exc)
-                raise
-            inline = await self._run(self._place, inbound.path, rid, h.body_size)
-            row = self._row(head, manifest, seq, inline)
-            _, ack = await node.store.call(records.insert_received, [row], sender=sender, now=now_ms())
-            log.info("record %s received from %s (%d bytes)", rid, sender, h.body_size)
-            return Outcome("stored", ack=ack)
-        except InvalidEnvelope:
-            raise
+            with _exclusive(node.blobs.incoming_path(rid)) as mine:
+                if not mine:                   # another process (cabinet run, or a command) is on it
+                    return Outcome("busy")
+                return await self._receive(sender, head, key, offset, body, seq)
         finally:
             self._busy.discard(rid)
+
+    async def _receive(self, sender: str, head: Head, key: bytes, offset: int, body: AsyncIterator[bytes],
+                       seq: int | None) -> Outcome:
+        from .node import now_ms
+        node, h, rid = self.node, head.header, head.header.id_hex
+        have = self.have(rid)
+        if offset != have:
+            return Outcome("offset", have=have)
+        free = await asyncio.to_thread(lambda: shutil.disk_usage(node.folder).free)
+        if free < (h.body_size - have) + DISK_MARGIN:
+            exc = StoreError("not enough disk space for this record; try again later")
+            await self.refused(rid, sender, exc)
+            raise exc
+        inbound = await self._run(blobstore.Inbound, node.blobs.incoming_path(rid), h, key)
+        try:
+            await self._pump(inbound, body)
+            log.info("record %s: %d body bytes received from offset %d", rid, inbound.size - have, have)
+        except (InvalidEnvelope, StoreError) as exc:
+            await self._discard(inbound, rid, sender, exc)
+            raise
+        except BaseException:
+            # The other side went away mid-transfer: keep what arrived, for resuming.
+            await asyncio.shield(self._run(inbound.close))
+            log.info("record %s: %d body bytes received from offset %d", rid, inbound.size - have, have)
+            log.info("record %s: transfer interrupted at %d of %d bytes", rid, inbound.size, h.body_size)
+            raise
+        if not inbound.complete:
+            await self._run(inbound.close)
+            return Outcome("partial", have=inbound.size)
+        try:
+            manifest = await self._run(inbound.finish)
+        except InvalidEnvelope as exc:
+            await self._discard(inbound, rid, sender, exc)
+            raise
+        inline = await self._run(self._place, inbound.path, rid, h.body_size)
+        row = self._row(head, manifest, seq, inline)
+        _, ack = await node.store.call(records.insert_received, [row], sender=sender, now=now_ms())
+        log.info("record %s received from %s (%d bytes)", rid, sender, h.body_size)
+        return Outcome("stored", ack=ack)
 
     def _place(self, path, record_id: str, size: int) -> bytes | None:
         """Small bodies go into SQLite with their row; large ones into blobs/, durably, first."""
@@ -225,6 +236,25 @@ class Intake:
             await pending
         if buf:
             await self._run(inbound.write, b"".join(buf))
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[bool]:
+    """One writer per incoming body, across processes: yields False if another holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            if path.exists() and path.stat().st_size == 0:
+                path.unlink()                  # nothing arrived: leave no empty partial behind
+    finally:
+        os.close(fd)
 
 
 def _peek_id(head_raw: bytes) -> str:
