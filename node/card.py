@@ -25,6 +25,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+import segno
+
 from . import consent
 from .errors import ConsentRefused, InvalidKey, UsageError
 from .identity import normalize_node_id
@@ -132,40 +134,18 @@ class Card:
             raise UsageError(f"{txt} already exists; not overwritten") from None
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(self.to_text())
-        written = [txt]
-        png = write_qr(self.qr_payload(), base.with_suffix(".png"))
-        return written + ([png] if png else [])
+        return [txt, write_qr(self.qr_payload(), base.with_suffix(".png"))]
 
 
-# --- QR codes (optional: segno) ------------------------------------------------------
-
-def _segno():
+def write_qr(payload: str, path: Path) -> Path:
+    """Write a PNG QR code with owner-only permissions; never overwrites."""
     try:
-        import segno
-    except ImportError:
-        return None
-    return segno
-
-
-def write_qr(payload: str, path: Path) -> Path | None:
-    """Write a PNG QR code (owner-only permissions); None when segno is not installed."""
-    segno = _segno()
-    if segno is None:
-        return None
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise UsageError(f"{path} already exists; not overwritten") from None
     with os.fdopen(fd, "wb") as fh:
         segno.make(payload, error="m", micro=False).save(fh, kind="png", scale=5, border=4)
     return path
-
-
-def terminal_qr(payload: str) -> str | None:
-    segno = _segno()
-    if segno is None:
-        return None
-    import io
-    out = io.StringIO()
-    segno.make(payload, error="l", micro=False).terminal(out=out, compact=True)
-    return out.getvalue()
 
 
 # --- what the patient signs and checks ---------------------------------------------------

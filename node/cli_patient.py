@@ -84,8 +84,6 @@ async def cmd_enroll(a) -> int:
     print(f"Recovery {card.phrase}")
     for p in paths:
         print(f"Card     {p}")
-    if len(paths) == 1:
-        print("(install 'segno' for the QR code image)")
     print("Hand the card to the patient; this practice keeps only the public key.")
     return 0
 
@@ -143,8 +141,7 @@ async def cmd_grant(a) -> int:
     print(token)
     print(f"\nGrant {g.jti}: {g.scope} of patient {g.subject} to {g.audience}, until {g.exp}", file=sys.stderr)
     if a.qr:
-        path = cards.write_qr(token, Path(a.qr))
-        print(f"QR code written to {path}" if path else "(install 'segno' for the QR code)", file=sys.stderr)
+        print(f"QR code written to {cards.write_qr(token, Path(a.qr))}", file=sys.stderr)
     return 0
 
 
