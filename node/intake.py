@@ -11,6 +11,7 @@ waits in incoming/ for the rest and is never listed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import logging
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cabinet.intake")
 WRITE_BATCH = 1 << 20
+IN_FLIGHT = 3
 DISK_MARGIN = 64 << 20
 
 
@@ -220,22 +222,24 @@ class Intake:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def _pump(self, inbound: blobstore.Inbound, body: AsyncIterator[bytes]) -> None:
-        """Read from the network while the previous piece is written, hashed and decrypted."""
-        pending: asyncio.Future | None = None
+        """Read from the network while earlier pieces are written and hashed (a few MiB behind)."""
+        pending: collections.deque[asyncio.Future] = collections.deque()
         buf: list[bytes] = []
         size = 0
-        async for piece in body:
-            buf.append(piece)
-            size += len(piece)
-            if size >= WRITE_BATCH:
-                if pending:
-                    await pending
-                pending = asyncio.ensure_future(self._run(inbound.write, b"".join(buf)))
-                buf, size = [], 0
-        if pending:
-            await pending
-        if buf:
-            await self._run(inbound.write, b"".join(buf))
+        try:
+            async for piece in body:
+                buf.append(piece)
+                size += len(piece)
+                if size >= WRITE_BATCH:
+                    pending.append(asyncio.ensure_future(self._run(inbound.write, b"".join(buf))))
+                    buf, size = [], 0
+                    while len(pending) >= IN_FLIGHT:
+                        await pending.popleft()
+            if buf:
+                pending.append(asyncio.ensure_future(self._run(inbound.write, b"".join(buf))))
+        finally:
+            while pending:                      # whatever happens, no write is left running behind us
+                await asyncio.shield(pending.popleft())
 
 
 @contextlib.contextmanager

@@ -43,32 +43,35 @@ def iter_source(source: Source, offset: int = 0) -> Iterator[bytes]:
             yield piece
 
 
-class _Pipeline:
-    """Runs hash.update + file.write on a helper thread, a bounded number of pieces behind."""
+class _Behind:
+    """Runs calls in order on a helper thread, a bounded number behind the caller.
 
-    def __init__(self, fh, hasher) -> None:
-        self._fh, self._hasher = fh, hasher
+    hashlib and libsodium release the GIL, so hashing and writing there while
+    the calling thread encrypts or decrypts uses both cores of a small box.
+    """
+
+    def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cabinet-io")
         self._inflight: deque[Future] = deque()
 
-    def _work(self, pieces: list[bytes]) -> None:
-        for p in pieces:
-            self._hasher.update(p)
-            self._fh.write(p)
-
-    def submit(self, pieces: list[bytes]) -> None:
-        if not pieces:
-            return
-        self._inflight.append(self._pool.submit(self._work, pieces))
+    def run(self, fn: Callable, *args) -> None:
+        self._inflight.append(self._pool.submit(fn, *args))
         while len(self._inflight) > _MAX_INFLIGHT:
             self._inflight.popleft().result()
 
     def drain(self) -> None:
+        """Wait for everything submitted; re-raise the first failure."""
         try:
             while self._inflight:
                 self._inflight.popleft().result()
         finally:
             self._pool.shutdown(wait=True)
+
+
+def _hash_and_write(hasher, fh, pieces: list[bytes]) -> None:
+    for p in pieces:
+        hasher.update(p)
+        fh.write(p)
 
 
 def fsync_dir(path: Path) -> None:
@@ -123,14 +126,14 @@ def seal_files(sealer: Sealer, manifest: Manifest, sources: list[Path], dest: Pa
     hasher = hashlib.sha256()
     try:
         with open(dest, "wb") as out:
-            pipe = _Pipeline(out, hasher)
+            behind = _Behind()
             try:
-                pipe.submit(sealer.push(plaintext_prefix(manifest)))
+                behind.run(_hash_and_write, hasher, out, sealer.push(plaintext_prefix(manifest)))
                 for src, att in zip(sources, manifest.attachments):
-                    _seal_one(sealer, pipe, src, att.size)
-                pipe.submit([sealer.finish()])
+                    _seal_one(sealer, lambda pieces: behind.run(_hash_and_write, hasher, out, pieces), src, att.size)
+                behind.run(_hash_and_write, hasher, out, [sealer.finish()])
             finally:
-                pipe.drain()
+                behind.drain()
             size = out.tell()
     except OSError as exc:
         dest.unlink(missing_ok=True)
@@ -141,7 +144,7 @@ def seal_files(sealer: Sealer, manifest: Manifest, sources: list[Path], dest: Pa
     return size, hasher.digest()
 
 
-def _seal_one(sealer: Sealer, pipe: _Pipeline, src: Path, size: int) -> None:
+def _seal_one(sealer: Sealer, emit: Callable[[list[bytes]], None], src: Path, size: int) -> None:
     done = 0
     try:
         fh = open(src, "rb")
@@ -152,23 +155,30 @@ def _seal_one(sealer: Sealer, pipe: _Pipeline, src: Path, size: int) -> None:
             done += len(piece)
             if done > size:
                 break
-            pipe.submit(sealer.push(piece))
+            emit(sealer.push(piece))
     if done != size:
         raise UsageError(f"attachment {src.name} changed while it was being sealed")
 
 
 class Inbound:
-    """A body being received: written, hashed and decrypted piece by piece.
+    """A body being received: written and hashed piece by piece, its manifest decrypted.
+
+    The recipient checks on arrival everything that can be checked without
+    decrypting every attachment byte: the exact size, the SHA-256 the sender
+    signed (so these are the bytes the sender sealed, no one else's), and the
+    manifest (so the key and stream open). Attachments are decrypted, and
+    their authentication tags checked, when they are read or exported; a
+    sender that sealed a broken stream is found out then (docs/design.md).
 
     Resumable: opening an existing partial file re-reads it to rebuild the
-    hash and decryption state, then the sender continues from its size.
-    Nothing is visible anywhere until `finish` has checked everything.
+    hash, then the sender continues from its size. Nothing is visible anywhere
+    until `finish` has checked everything.
     """
 
     def __init__(self, path: Path, header: Header, content_key: bytes) -> None:
         self.path, self.header = path, header
         self._hash = hashlib.sha256()
-        self._dec = Decryptor(header, content_key)
+        self._dec: Decryptor | None = Decryptor(header, content_key)
         self._parser = BodyParser()
         self.size = 0
         try:
@@ -188,8 +198,11 @@ class Inbound:
         if self.size > self.header.body_size:
             raise InvalidEnvelope()
         self._hash.update(data)
-        for plain in self._dec.feed(data):
-            self._parser.feed(plain)
+        if self._dec is not None:
+            for plain in self._dec.feed(data):
+                self._parser.feed(plain)
+            if self._parser.manifest is not None:
+                self._dec = None                # the rest is pinned by the signed digest
 
     def write(self, data: bytes) -> None:
         self._absorb(data)
@@ -203,7 +216,7 @@ class Inbound:
         return self.size == self.header.body_size
 
     def finish(self) -> Manifest:
-        """Check size, digest and the end of the stream; flush to disk; return the manifest."""
+        """Check size, digest and manifest; flush to disk; return the manifest."""
         try:
             self._fh.flush()
             os.fsync(self._fh.fileno())
@@ -213,8 +226,12 @@ class Inbound:
             self._fh.close()
         if not self.complete or self._hash.digest() != self.header.body_sha256:
             raise InvalidEnvelope()
-        self._parser.feed(self._dec.finish())
-        return self._parser.finish()
+        if self._dec is not None:               # a small body: all of it is the manifest's chunk
+            self._parser.feed(self._dec.finish())
+            return self._parser.finish()
+        if self._parser.manifest is None:
+            raise InvalidEnvelope()
+        return self._parser.manifest
 
     def close(self) -> None:
         self._fh.close()
@@ -234,28 +251,33 @@ def read_manifest(source: Source, header: Header, content_key: bytes) -> Manifes
 
 def open_to_files(source: Source, header: Header, content_key: bytes,
                   open_sink: Callable[[int, Manifest], object]) -> Manifest:
-    """Decrypt a stored body, verifying it, and hand each attachment's bytes to a sink.
+    """Decrypt a stored body, verifying all of it, and hand each attachment's bytes to a sink.
 
     `open_sink(i, manifest)` returns a writable file for attachment i; the
-    caller renames its files into place only after this returns.
+    caller renames its files into place only after this returns. The helper
+    thread hashes the ciphertext and writes the plaintext while this one decrypts.
     """
     dec, parser = Decryptor(header, content_key), BodyParser()
     hasher = hashlib.sha256()
     sinks: dict[int, object] = {}
+    behind = _Behind()
 
     def route(plain: bytes) -> None:
         for i, data in parser.feed(plain):
             if i not in sinks:
                 sinks[i] = open_sink(i, parser.manifest)
-            sinks[i].write(data)
+            behind.run(sinks[i].write, data)
 
     try:
-        for piece in iter_source(source):
-            hasher.update(piece)
-            for plain in dec.feed(piece):
-                route(plain)
-        route(dec.finish())
-        manifest = parser.finish()
+        try:
+            for piece in iter_source(source):
+                behind.run(hasher.update, piece)
+                for plain in dec.feed(piece):
+                    route(plain)
+            route(dec.finish())
+            manifest = parser.finish()
+        finally:
+            behind.drain()
         if hasher.digest() != header.body_sha256:
             raise InvalidEnvelope()
         for i in range(len(manifest.attachments)):
