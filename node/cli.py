@@ -82,6 +82,8 @@ def print_summaries(rows: list[Summary], header: str) -> None:
         mark = "" if s.opened or s.direction == "out" else "*"
         print(f"{s.id[:10]:10}  {when(s.created):16}  {s.sender_name[:20]:20}  "
               f"{(s.patient + (' ' + s.born if s.born else ''))[:24]:24}  {(mark + s.subject)[:30]:30}  {files}")
+    if any(not s.opened and s.direction == "in" for s in rows):
+        print("(* not opened yet)")
 
 
 # --- commands ------------------------------------------------------------------
@@ -102,6 +104,9 @@ async def cmd_run(a) -> int:
             node.use_bootstraps(a.bootstrap)
         if a.no_lan:
             node.config.lan = False
+        if a.advertise:
+            node.config.advertise = [u.rstrip("/") for u in a.advertise]
+            node.config.save(node.folder)
         host, port = await node.serve(a.listen, accept=not a.no_listen, pull_interval=a.pull_every)
         where = f"listening on http://{host}:{port}" if port else "not listening (delivering and pulling only)"
         print(f"cabinet node {node.node_id} ({node.config.name}) {where}", flush=True)
@@ -151,7 +156,7 @@ async def cmd_contact_add(a) -> int:
 async def cmd_contact_confirm(a) -> int:
     async with Node.open(a.data, passphrase=passphrase()) as node:
         c = await node.confirm_contact(a.name)
-        print(f"{c['name']} ({c['node_id']}) confirmed; records held for it are now delivered.")
+        print(f"{c['name']} ({c['node_id']}) confirmed; what was held for it is delivered by 'cabinet run'.")
     return 0
 
 
@@ -257,10 +262,11 @@ async def cmd_contact_verify(a) -> int:
     return 0
 
 
-def _delivery_report(result) -> None:
+async def _delivery_report(node: Node, result) -> None:
+    names = {c["node_id"]: c["name"] for c in await node.contacts()}
     for rcpt, state in result.deliveries.items():
         extra = f" ({result.errors[rcpt]})" if rcpt in result.errors else ""
-        print(f"  to {rcpt}: {state}{extra}")
+        print(f"  to {names.get(rcpt, rcpt)} ({rcpt}): {state}{extra}")
 
 
 async def cmd_send(a) -> int:
@@ -270,7 +276,7 @@ async def cmd_send(a) -> int:
                                           letter=Path(a.letter), attachments=a.attachments, data=data,
                                           deliver=not a.no_deliver)
         print(f"Record {result.record_id}")
-        _delivery_report(result)
+        await _delivery_report(node, result)
     return 0
 
 
@@ -279,7 +285,7 @@ async def cmd_reply(a) -> int:
         result = await node.reply(a.id, letter=Path(a.letter), attachments=a.attachments, subject=a.subject,
                                   deliver=not a.no_deliver)
         print(f"Reply {result.record_id}")
-        _delivery_report(result)
+        await _delivery_report(node, result)
     return 0
 
 
@@ -316,6 +322,8 @@ async def cmd_outbox(a) -> int:
 
 
 async def cmd_inbox(a) -> int:
+    if a.patient and not a.born:
+        raise UsageError("give --born YYYY-MM-DD with --patient: the search matches name and date of birth together")
     async with Node.open(a.data, passphrase=passphrase()) as node:
         rows = await node.list_records(None if a.all else "in", patient=a.patient, born=a.born or "")
         print_summaries(rows, "Inbox")
@@ -403,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="accept no connections (behind a router): push what is sent, pull what is waiting")
     sp.add_argument("--bootstrap", action="append", metavar="URL", help="add a directory server (kept in the config)")
     sp.add_argument("--no-lan", action="store_true", help="this time, neither announce nor browse on the LAN")
+    sp.add_argument("--advertise", action="append", metavar="URL",
+                    help="address colleagues reach this node at, e.g. with --listen 0.0.0.0:7400 (kept in the config)")
     sp.add_argument("--pull-every", type=float, default=None, metavar="SECONDS",
                     help="how often to ask colleagues for records waiting for us (default 30)")
     sp = add("id", cmd_id, "print the node ID and the signed descriptor")
@@ -493,6 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cabinet: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:                 # `cabinet inbox | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as err:
         print(f"cabinet: {err.strerror or err}" + (f": {err.filename}" if err.filename else ""), file=sys.stderr)
         return 1

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import fcntl
 import ipaddress
 import logging
 import mimetypes
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,8 +325,13 @@ class Node:
             desc = Descriptor.from_text(source)
         else:
             path = Path(source).expanduser()
+            if not path.exists() and _NODE_ID_SHAPE.match(source.strip()):
+                parse_node_id(source)           # shaped like a node ID: say what is wrong with it
             try:
                 text = await asyncio.to_thread(path.read_text, "utf-8")
+            except FileNotFoundError:
+                raise NotFound(f"no such file: {source} (give a descriptor file, its text, a node ID or an "
+                               "http:// address)") from None
             except (OSError, UnicodeDecodeError):
                 raise NotFound(f"cannot read a descriptor from {source!r} (not a file, text or http:// address)") from None
             desc = Descriptor.from_text(text)
@@ -387,6 +394,7 @@ class Node:
         """Seal a referral for one or more contacts, keep it in the outbox, try to deliver it now."""
         if not patient.strip():
             raise UsageError("the patient's name must not be empty")
+        born = check_born(born)
         return await self._send("referral", to=[to] if isinstance(to, str) else list(to), patient=patient,
                                 born=born, subject=subject, letter=letter, attachments=attachments, data=data,
                                 deliver=deliver)
@@ -532,6 +540,23 @@ class Node:
 
     async def audit_verify(self) -> tuple[bool, int | None]:
         return await self.store.call(verify_audit)
+
+
+_NODE_ID_SHAPE = re.compile(r"^[A-Za-z2-7]{4}([- ]?[A-Za-z2-7]{4}){7}[- ]?[A-Za-z2-7]$")
+
+
+def check_born(born: str) -> str:
+    """A date of birth as YYYY-MM-DD, a real date, not in the future (or empty)."""
+    born = born.strip()
+    if not born:
+        return born
+    try:
+        day = datetime.date.fromisoformat(born)
+    except ValueError:
+        raise UsageError(f"date of birth {born!r} is not a date written YYYY-MM-DD") from None
+    if len(born) != 10 or day > datetime.date.today():
+        raise UsageError(f"date of birth {born!r} must be YYYY-MM-DD and not in the future")
+    return born
 
 
 def _looks_like_node_id(text: str) -> bool:

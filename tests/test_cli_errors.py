@@ -244,7 +244,7 @@ def test_unreachable_colleague_queues_then_delivers_once(net, letter):
         out = ok(sent)
         assert "Traceback" not in sent.stderr
         rid = record_id(out)
-        assert re.search(rf"to {re.escape(cardio.node_id)}: queued \(.+\)", out), out
+        assert re.search(rf"to {CARDIO} \({re.escape(cardio.node_id)}\): queued \(.+\)", out), out
         line = outbox_line(gp, rid)
         assert "queued" in line and "attempt" in line, line
         assert re.search(r"queued, \d+ attempt\(s\), next try .+: \S", line), line   # the error is shown
@@ -326,7 +326,7 @@ def test_contact_add_with_a_mistyped_node_id(net, cardio_descriptor):
 def test_contact_add_from_a_nonexistent_file(net):
     solo = net["solo"]
     before = _contacts(solo)
-    refused(solo.cli("contact", "add", str(net["files"] / "nobody.descriptor")), "cannot read", "nobody.descriptor")
+    refused(solo.cli("contact", "add", str(net["files"] / "nobody.descriptor")), "no such file", "nobody.descriptor")
     assert _contacts(solo) == before
 
 

@@ -100,10 +100,14 @@ def confirm_contact(db: sqlite_utils.Database, node_id: str, now: int) -> str | 
         row = conn.execute("SELECT replaces FROM contacts WHERE node_id = ? AND held = 1", (node_id,)).fetchone()
         if row is None:
             raise UsageError("that contact is not waiting for a confirmation")
-        conn.execute("UPDATE contacts SET held = 0, replaces = NULL, updated = ? WHERE node_id = ?", (now, node_id))
-        if row[0]:
+        old = conn.execute("SELECT name FROM contacts WHERE node_id = ?", (row[0],)).fetchone() if row[0] else None
+        if old:
+            # The old key is retired under another name; the new one takes the name everyone uses.
             conn.execute("UPDATE contacts SET revoked = 1, name = name || ' (replaced)', updated = ? "
                          "WHERE node_id = ?", (now, row[0]))
+            conn.execute("UPDATE contacts SET name = ? WHERE node_id = ? AND name = ? || ' (new key)'",
+                         (old[0], node_id, old[0]))
+        conn.execute("UPDATE contacts SET held = 0, replaces = NULL, updated = ? WHERE node_id = ?", (now, node_id))
         audit.append(db, at=now, event="contact-confirmed", peer=node_id, detail=row[0])
         return row[0]
 
