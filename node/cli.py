@@ -44,6 +44,13 @@ def passphrase(confirm: bool = False) -> str:
     return first
 
 
+def _url(text: str) -> str:
+    from .identity import valid_address
+    if not valid_address(text):
+        raise UsageError(f"not an address: {text!r} (expected http://host:port)")
+    return text.rstrip("/")
+
+
 def when(ms: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ms / 1000)) if ms else "-"
 
@@ -105,7 +112,7 @@ async def cmd_run(a) -> int:
         if a.no_lan:
             node.config.lan = False
         if a.advertise:
-            node.config.advertise = [u.rstrip("/") for u in a.advertise]
+            node.config.advertise = [_url(u) for u in a.advertise]
             node.config.save(node.folder)
         host, port = await node.serve(a.listen, accept=not a.no_listen, pull_interval=a.pull_every)
         where = f"listening on http://{host}:{port}" if port else "not listening (delivering and pulling only)"

@@ -64,7 +64,8 @@ class Config:
         if host in ("0.0.0.0", "::", ""):
             return ()
         host = f"[{host}]" if ":" in host else host
-        return (f"http://{host}:{port or configured}",)
+        port = port or configured
+        return (f"http://{host}:{port}",) if port else ()      # port 0: not known until listening
 
 
 def prepare_folder(folder: Path, *, create: bool) -> Path:

@@ -101,7 +101,13 @@ class Courier(_Loop):
         by_recipient: dict[str, list[dict]] = {}
         for d in due:
             by_recipient.setdefault(d["recipient"], []).append(d)
-        await asyncio.gather(*(self._stream(rcpt, rows) for rcpt, rows in by_recipient.items()))
+        results = await asyncio.gather(*(self._stream(rcpt, rows) for rcpt, rows in by_recipient.items()),
+                                       return_exceptions=True)
+        for r in results:                     # one recipient's trouble never stops the others
+            if isinstance(r, BaseException) and not isinstance(r, Exception):
+                raise r
+            if isinstance(r, Exception):
+                log.error("outbox: %s", r)
         await self._flush_receipts()
         return len(due)
 
@@ -289,7 +295,9 @@ class Puller(_Loop):
         now = time.monotonic()
         todo = [c for c in contacts if c["node_id"] in self._soon or self._backoff.get(c["node_id"], (0, 0))[1] <= now]
         self._soon.clear()
-        await asyncio.gather(*(self._pull_guarded(c) for c in todo))
+        for r in await asyncio.gather(*(self._pull_guarded(c) for c in todo), return_exceptions=True):
+            if isinstance(r, Exception):
+                log.error("pull: %s", r)
         return self.interval
 
     async def _pull_guarded(self, contact: dict) -> None:

@@ -108,9 +108,10 @@ class PeerTimeout(TransportError):
 class PeerRefused(TransportError):
     """The peer answered with a refusal (its status and reason are kept)."""
 
-    def __init__(self, message: str, status: int = 0) -> None:
+    def __init__(self, message: str, status: int = 0, signed: bool = True) -> None:
         super().__init__(message)
         self.status = status
+        self.signed = signed          # False: the refusal could not be authenticated (maybe not the peer)
 
 
 class AuthenticationFailed(TransportError):

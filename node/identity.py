@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import urllib.parse
 import hashlib
 from dataclasses import dataclass, field, replace
 
@@ -73,6 +74,19 @@ def normalize_node_id(text: str) -> str:
 
 def node_id_for(sign_public: bytes) -> str:
     return format_node_id(node_id_bytes(sign_public))
+
+
+def valid_address(url: str, *, allow_path: bool = False) -> bool:
+    """An address a node can be reached at: http(s)://host[:port] (and a path, for a bootstrap)."""
+    if len(url) > 256:
+        return False
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return False
+    return (parts.scheme in ("http", "https") and bool(parts.hostname) and (allow_path or parts.path in ("", "/"))
+            and not parts.query and not parts.fragment and (port is None or 0 < port < 65536))
 
 
 def safety_code(sign_public_a: bytes, sign_public_b: bytes) -> str:
@@ -145,7 +159,7 @@ class Descriptor:
             raise InvalidSignature("descriptor: signature does not verify (altered or damaged)") from None
         ek = crypto.check_x25519_public(wire.field(body, "ek", bytes, what=what, size=32))
         addrs = wire.field(body, "addrs", list, what=what)
-        if len(addrs) > 16 or not all(isinstance(a, str) and len(a) <= 256 for a in addrs):
+        if len(addrs) > 16 or not all(isinstance(a, str) and valid_address(a) for a in addrs):
             raise RemoteProtocolError("descriptor: bad address list")
         text = lambda name: wire.field(body, name, str, what=what, max_len=200)  # noqa: E731
         return cls(

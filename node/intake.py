@@ -108,15 +108,22 @@ class Intake:
             raise
 
     def have(self, record_id: str) -> int:
-        path = self.node.blobs.incoming_path(record_id)
-        return path.stat().st_size if path.exists() else 0
+        try:
+            return self.node.blobs.incoming_path(record_id).stat().st_size
+        except FileNotFoundError:             # none, or just moved into place
+            return 0
 
     async def stream(self, sender: str, head: Head, key: bytes, offset: int, body: AsyncIterator[bytes],
                      seq: int | None) -> Outcome:
         """Receive a body from `offset` on; commit it when complete."""
         from .node import now_ms
         node, h, rid = self.node, head.header, head.header.id_hex
-        if await node.store.call(records.has_record, rid):
+        stored = await node.store.call(records.stored_from, rid)
+        if stored is not None:
+            if stored != (sender, head.raw):
+                exc = InvalidEnvelope()          # another record already holds this ID
+                await self.refused(rid, sender, exc)
+                raise exc
             stored, ack = await node.store.call(records.insert_received, [self._row(head, None, seq, None)],
                                                 sender=sender, now=now_ms()) if seq else ([False], None)
             return Outcome("duplicate", ack=ack)
@@ -166,7 +173,10 @@ class Intake:
             raise
         inline = await self._run(self._place, inbound.path, rid, h.body_size)
         row = self._row(head, manifest, seq, inline)
-        _, ack = await node.store.call(records.insert_received, [row], sender=sender, now=now_ms())
+        new, ack = await node.store.call(records.insert_received, [row], sender=sender, now=now_ms())
+        if new[0] is None:                        # another record took this ID meanwhile
+            await self.refused(rid, sender, InvalidEnvelope())
+            raise InvalidEnvelope()
         log.info("record %s received from %s (%d bytes)", rid, sender, h.body_size)
         return Outcome("stored", ack=ack)
 
@@ -192,7 +202,9 @@ class Intake:
                 await self.refused(rid, sender, row)
         stored, ack = await self.node.store.call(records.insert_received, rows, sender=sender, now=now_ms())
         for row, new in zip(rows, stored):
-            results[row["id"]] = "stored" if new else "duplicate"
+            results[row["id"]] = "stored" if new else "duplicate" if new is False else "refused"
+            if new is None:
+                await self.refused(row["id"], sender, InvalidEnvelope())
         return results, ack
 
     def _verify_all(self, sender: str, items) -> list[dict | Exception]:
@@ -208,8 +220,9 @@ class Intake:
         return out
 
     def _row(self, head: Head, manifest, seq: int | None, body: bytes | None) -> dict:
-        if manifest is None:       # only used for duplicates, where just id/sender/seq matter
-            return {"id": head.header.id_hex, "direction": "in", "sender": head.header.sender_id, "seq": seq}
+        if manifest is None:       # only used for duplicates, where just id/sender/head/seq matter
+            return {"id": head.header.id_hex, "direction": "in", "sender": head.header.sender_id, "seq": seq,
+                    "head": head.raw}
         row = self.node._record_row(head.header, head.raw, manifest, "in")
         return dict(row, seq=seq, body=body)
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import errno
 import fcntl
 import ipaddress
 import logging
 import mimetypes
 import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,7 @@ from .envelope import Attachment, Head, Manifest, Recipient, Sealer
 from .errors import AlreadyExists, CabinetError, NotFound, TooLarge, UsageError
 from .intake import Intake, make_receipt
 from .patients import PatientService
-from .identity import DESCRIPTOR_PREFIX, Descriptor, normalize_node_id, parse_node_id, safety_code
+from .identity import DESCRIPTOR_PREFIX, Descriptor, normalize_node_id, valid_address, parse_node_id, safety_code
 from .store import blobs as blobstore
 from .store import keyfile, records
 from .store.audit import verify as verify_audit
@@ -117,8 +119,9 @@ class Node:
             raise AlreadyExists(f"a cabinet node already exists in {folder}")
         if not name.strip():
             raise UsageError("the practitioner's display name must not be empty")
-        cfg = Config(name=name.strip(), specialty=specialty, city=city, rpps=rpps, advertise=list(advertise),
-                     bootstraps=[_check_url(u) for u in bootstraps], lan=lan)
+        cfg = Config(name=name.strip(), specialty=specialty, city=city, rpps=rpps,
+                     advertise=[_check_url(u) for u in advertise],
+                     bootstraps=[_check_url(u, allow_path=True) for u in bootstraps], lan=lan)
         if listen:
             parse_listen(listen)
             cfg.listen = listen
@@ -341,7 +344,7 @@ class Node:
 
     def use_bootstraps(self, urls: Sequence[str]) -> None:
         """Add directory servers to the configuration (kept for next time)."""
-        for url in (_check_url(u) for u in urls):
+        for url in (_check_url(u, allow_path=True) for u in urls):
             if url not in self.config.bootstraps:
                 self.config.bootstraps.append(url)
         self.config.save(self.folder)
@@ -395,6 +398,8 @@ class Node:
         if not patient.strip():
             raise UsageError("the patient's name must not be empty")
         born = check_born(born)
+        for what, text in (("patient name", patient), ("subject", subject), ("structured data", data)):
+            _check_text(what, text)
         return await self._send("referral", to=[to] if isinstance(to, str) else list(to), patient=patient,
                                 born=born, subject=subject, letter=letter, attachments=attachments, data=data,
                                 deliver=deliver)
@@ -553,10 +558,17 @@ def check_born(born: str) -> str:
     try:
         day = datetime.date.fromisoformat(born)
     except ValueError:
-        raise UsageError(f"date of birth {born!r} is not a date written YYYY-MM-DD") from None
+        raise UsageError("the date of birth is not a date written YYYY-MM-DD") from None
     if len(born) != 10 or day > datetime.date.today():
-        raise UsageError(f"date of birth {born!r} must be YYYY-MM-DD and not in the future")
+        raise UsageError("the date of birth must be written YYYY-MM-DD and not be in the future")
     return born
+
+
+def _check_text(what: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"the {what} is not valid text (UTF-8)") from None
 
 
 def _looks_like_node_id(text: str) -> bool:
@@ -567,9 +579,9 @@ def _looks_like_node_id(text: str) -> bool:
         return False
 
 
-def _check_url(url: str) -> str:
-    if not url.startswith(("http://", "https://")):
-        raise UsageError(f"a bootstrap address starts with http:// or https:// (got {url!r})")
+def _check_url(url: str, allow_path: bool = False) -> str:
+    if not valid_address(url, allow_path=allow_path):
+        raise UsageError(f"not an address: {url!r} (expected http://host:port)")
     return url.rstrip("/")
 
 
@@ -591,7 +603,8 @@ def _check_attachments(items: Sequence[str | Path]) -> tuple[list[Path], list[At
             raise TooLarge(f"attachment {p.name} is {st.st_size / 2**30:.1f} GiB, over the "
                            f"{envelope.MAX_ATTACHMENT // 2**30} GiB limit")
         paths.append(p)
-        atts.append(Attachment(name=p.name[:255], size=st.st_size,
+        name = p.name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")[:255]
+        atts.append(Attachment(name=name, size=st.st_size,
                                type=mimetypes.guess_type(p.name)[0] or "application/octet-stream"))
     return paths, atts
 
@@ -618,20 +631,32 @@ def _export(source: blobstore.Source, header: envelope.Header, key: bytes, dest:
 
     def open_sink(i: int, manifest: Manifest):
         final = dest / safe_name(manifest.attachments[i].name, taken)
-        tmp = dest / f".{final.name}.cabinet-partial"
-        tmp_files[i] = (tmp, final)
-        return open(tmp, "xb")
+        fd, tmp = tempfile.mkstemp(dir=dest, prefix=".", suffix=".cabinet-partial")
+        tmp_files[i] = (Path(tmp), final)
+        return os.fdopen(fd, "wb")
 
+    out: list[Path] = []
     try:
         blobstore.open_to_files(source, header, key, open_sink)
-    except BaseException:
+        for i in sorted(tmp_files):
+            tmp, final = tmp_files[i]
+            _place_new(tmp, final)
+            out.append(final)
+    except OSError as exc:
+        raise UsageError(f"cannot write into {dest}: {exc.strerror or exc}") from None
+    finally:
         for tmp, _ in tmp_files.values():
-            tmp.unlink(missing_ok=True)
-        raise
-    out = []
-    for i in sorted(tmp_files):
-        tmp, final = tmp_files[i]
-        os.link(tmp, final)     # fails rather than overwrite if the name appeared meanwhile
-        tmp.unlink()
-        out.append(final)
+            tmp.unlink(missing_ok=True)          # nothing decrypted is left behind under a temporary name
     return out
+
+
+def _place_new(tmp: Path, final: Path) -> None:
+    """Give `tmp` the name `final`, never replacing a file that appeared meanwhile."""
+    try:
+        os.link(tmp, final)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EOPNOTSUPP):
+            raise
+        # No hard links (a USB stick in FAT or exFAT): claim the name, then move onto it.
+        os.close(os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.replace(tmp, final)

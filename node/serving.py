@@ -11,7 +11,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, AsyncIterator
 
-from .errors import CabinetError, NotFound, RemoteProtocolError
+from .errors import AuthenticationFailed, CabinetError, NotFound, RemoteProtocolError
 from .identity import Descriptor
 from .intake import ack_from_wire, ack_wire, check_receipt, make_receipt
 from .patients import PatientEndpoints
@@ -54,7 +54,13 @@ class NodeHandler(PatientEndpoints):
 
     async def sign_key_for(self, node_id: str) -> bytes | None:
         row = await self.node.store.call(records.contact_by_id, node_id)
-        return row["sign_key"] if row and not row["revoked"] else None
+        # Revoked keys, and new keys not yet confirmed (held), are not let in: nothing is sent
+        # to them, and nothing is taken from them.
+        if row is not None and row["revoked"]:
+            raise AuthenticationFailed("this key was revoked")
+        if row is not None and row["held"]:
+            raise AuthenticationFailed("not a confirmed contact: this practice has not confirmed your new key yet")
+        return row["sign_key"] if row else None
 
     async def receive_descriptor(self, caller: str, raw: bytes) -> Answer:
         """A contact hands us its new descriptor (rotated key, new address, revocation)."""
@@ -67,7 +73,8 @@ class NodeHandler(PatientEndpoints):
     # --- records pushed to us ---------------------------------------------------
 
     async def record_status(self, caller: str, record_id: str) -> Answer:
-        if await self.node.store.call(records.has_record, record_id):
+        stored = await self.node.store.call(records.stored_from, record_id)
+        if stored is not None and stored[0] == caller:
             return Answer(200, {"stored": True, "have": -1})
         return Answer(200, {"stored": False, "have": self.node.intake.have(record_id)})
 

@@ -22,7 +22,7 @@ def _canon(obj: Any, depth: int = 0) -> Any:
     if depth > MAX_DEPTH:
         raise ValueError("nested too deeply")
     if obj is None or isinstance(obj, (bool, int, str, bytes)):
-        if isinstance(obj, int) and not isinstance(obj, bool) and not -(2**63) <= obj < 2**64:
+        if isinstance(obj, int) and not isinstance(obj, bool) and not -(2**63) <= obj < 2**63:
             raise ValueError("integer out of range")
         return obj
     if isinstance(obj, (list, tuple)):
@@ -65,6 +65,8 @@ def _check_types(obj: Any, depth: int = 0) -> None:
     if depth > MAX_DEPTH:
         raise ValueError("nested too deeply")
     t = type(obj)
+    if t is int and not -(2**63) <= obj < 2**63:
+        raise ValueError("integer out of range")    # SQLite and most peers stop at 64-bit signed
     if t in _LEAVES:
         return
     if t is list:

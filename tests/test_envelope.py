@@ -374,7 +374,7 @@ def test_unknown_version_is_refused_clearly():
     head, body = expected(c)
     header, _ = split_head(head)
     for version, shown in [(0, "0"), (2, "2"), (255, "255"), (999, "999"),
-                           (1000, "?"), (2**64 - 1, "?"), (-1, "?"), (-(2**63), "?")]:
+                           (1000, "?"), (2**63 - 1, "?"), (-1, "?"), (-(2**63), "?")]:
         header["v"] = version
         forged = make_head(header, signer=identity("gp"))
         with pytest.raises(RemoteProtocolError) as info:

@@ -289,3 +289,13 @@ def test_identity_refuses_bad_keys():
             Identity(*args)
     a, b = Identity.generate(), Identity.generate()
     assert a.node_id != b.node_id and a.enc_public != b.enc_public
+
+
+def test_only_usable_addresses_are_accepted():
+    from node.identity import valid_address
+    for good in ("http://127.0.0.1:7400", "https://cabinet.example", "http://[::1]:7400", "http://host:7400/"):
+        assert valid_address(good), good
+    for bad in ("http://192.168.1.20:74000", "ftp://x", "http://:80", "http://x/path", "x:7400", "http://x:0",
+                "http://x:7400?q=1", "http://" + "a" * 300):
+        assert not valid_address(bad), bad
+    assert valid_address("https://directory.example/cabinet", allow_path=True)

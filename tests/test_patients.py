@@ -189,7 +189,11 @@ async def test_every_refusal_has_a_clear_reason_is_logged_and_sends_nothing(worl
     # A contact held after an identity key change gets nothing, whatever it presents.
     if "held" in await w.a.contact("B"):
         await w.a.store.call(lambda db: db.conn.execute("UPDATE contacts SET held = 1 WHERE name = 'B'"))
-        await refused(w, "not a confirmed contact", token=token)
+        before = (await w.copies(), len(await w.a.store.call(records.deliveries)))
+        with pytest.raises(PeerRefused, match="not a confirmed contact") as info:
+            await w.b.patients.request("A", token=token)
+        assert info.value.status == 401            # refused at the door, before any grant is looked at
+        assert (await w.copies(), len(await w.a.store.call(records.deliveries))) == before
         await w.a.store.call(lambda db: db.conn.execute("UPDATE contacts SET held = 0 WHERE name = 'B'"))
     # The same grant still works, and only for B.
     assert len(await w.b.patients.request("A", token=token)) == 2

@@ -254,3 +254,68 @@ async def test_record_not_for_this_node_is_refused(tmp_path, nodes):
         assert status == 422 and wire.unpack(raw)["error"] == str(InvalidEnvelope())
     finally:
         await c.close()
+
+
+async def test_a_co_recipient_cannot_squat_a_record_id(tmp_path, nodes):
+    """M, also a recipient of A's record, pushes its own record under that ID to B first:
+    B refuses A's genuine record as a conflict (never 'duplicate', never a receipt), keeps M's
+    flagged as M's, and A's outbox does not say delivered."""
+    from node.envelope import Manifest, Recipient, Sealer, seal_bytes
+    from node.identity import node_id_bytes
+    a, b = nodes
+    m = await make(tmp_path, "M")
+    try:
+        for x, y in ((a, m), (m, b), (b, m)):
+            await x.add_contact(y.descriptor.signed)
+        letter = tmp_path / "l.txt"
+        letter.write_text("genuine")
+        res = await a.send_referral(to=["B", "M"], patient="P Q", letter=letter, deliver=False)
+        rid = res.record_id
+        forged = Sealer(sender=m.identity, recipients=[Recipient(node_id_bytes(b.identity.sign_public),
+                                                                 b.identity.enc_public)],
+                        kind="referral", created=1, record_id=bytes.fromhex(rid))
+        head, body = seal_bytes(forged, Manifest(patient="P Q", letter="forged"))
+        peer_b = Peer(b.node_id, b.identity.sign_public, b.descriptor.addresses)
+
+        async def read(off):
+            yield body[off:]
+        assert (await m.client.push_record(peer_b, rid, head, len(body), read))["status"] == "stored"
+        errors = await a.courier.deliver_record(rid)
+        assert b.node_id in errors                                  # refused, not "duplicate"
+        states = {d["recipient"]: d["state"] for d in await a.outbox(rid)}
+        assert states[b.node_id] != "delivered"
+        assert (await b.read(rid)).summary.sender == m.node_id      # shown as M's, never as A's
+    finally:
+        await m.close()
+
+
+async def test_a_held_contact_is_refused_at_the_door(nodes):
+    a, b = nodes
+    await b.store.call(lambda db: db.conn.execute("UPDATE contacts SET held = 1 WHERE node_id = ?", (a.node_id,)))
+    peer_b = Peer(b.node_id, b.identity.sign_public, b.descriptor.addresses)
+    with pytest.raises(PeerRefused, match="not a confirmed contact") as info:
+        await a.client.fetch_outbox(peer_b, 0)
+    assert info.value.status == 401
+
+
+async def test_export_without_hard_links_still_never_overwrites(nodes, tmp_path, monkeypatch):
+    import errno
+    import os as _os
+    a, b = nodes
+    att = tmp_path / "scan.pdf"
+    att.write_bytes(b"%PDF scan")
+    letter = tmp_path / "l.txt"
+    letter.write_text("x")
+    rid = (await a.send_referral(to="B", patient="P", letter=letter, attachments=[att])).record_id
+    out = tmp_path / "usb"
+    out.mkdir()
+    (out / "scan.pdf").write_bytes(b"already there")
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(_os, "link", no_links)                    # as on a FAT or exFAT stick
+    written = await b.export(rid, out)
+    assert [p.name for p in written] == ["scan (2).pdf"]
+    assert (out / "scan.pdf").read_bytes() == b"already there"
+    assert (out / "scan (2).pdf").read_bytes() == b"%PDF scan"
+    assert sorted(p.name for p in out.iterdir()) == ["scan (2).pdf", "scan.pdf"]   # no temporary left

@@ -153,6 +153,8 @@ class Store:
 def _guarded(fn: Callable[..., T], db: sqlite_utils.Database, args: tuple, kwargs: dict) -> T:
     try:
         return fn(db, *args, **kwargs)
+    except OverflowError:
+        raise StoreError("a number too large to store") from None
     except sqlite3.DatabaseError as exc:
         if "disk" in str(exc) or "full" in str(exc):
             raise StoreError(f"the database could not be written: {exc}") from None

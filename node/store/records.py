@@ -164,11 +164,13 @@ def insert_record(db: sqlite_utils.Database, row: dict, *, recipients: list[str]
         return True
 
 
-def insert_received(db: sqlite_utils.Database, rows: list[dict], *, sender: str, now: int) -> tuple[list[bool], Ack]:
+def insert_received(db: sqlite_utils.Database, rows: list[dict], *, sender: str,
+                    now: int) -> tuple[list[bool | None], Ack]:
     """Commit records received from one sender's stream, all in one transaction.
 
-    Returns which rows were new, and the stream's ack (its cursor moved over
-    any gap these rows closed). Duplicates change nothing and are acked again.
+    Returns, per row, True (new), False (a duplicate: changes nothing, acked
+    again) or None (another record already has this ID: refused), and the
+    stream's ack (its cursor moved over any gap these rows closed).
     """
     with transaction(db) as conn:
         stored = [_insert(conn, dict(r, seq=r.get("seq"), body=r.get("body")), now=now, event="received",
@@ -176,8 +178,11 @@ def insert_received(db: sqlite_utils.Database, rows: list[dict], *, sender: str,
         return stored, _settle_stream(conn, sender)
 
 
-def _insert(conn, row: dict, *, now: int, event: str, peer: str | None, db) -> bool:
-    if conn.execute("SELECT 1 FROM records WHERE id = ?", (row["id"],)).fetchone():
+def _insert(conn, row: dict, *, now: int, event: str, peer: str | None, db) -> bool | None:
+    existing = conn.execute("SELECT sender, head FROM records WHERE id = ?", (row["id"],)).fetchone()
+    if existing:
+        if (existing[0], bytes(existing[1])) != (row["sender"], row.get("head")):
+            return None                  # someone else's record under this ID: never "a duplicate"
         if row.get("seq") is not None and row["direction"] == "in":
             # Already here (e.g. pushed before); remember its place in this stream.
             conn.execute("UPDATE records SET seq = ? WHERE id = ? AND seq IS NULL AND NOT EXISTS "
@@ -230,6 +235,12 @@ def get_record(db: sqlite_utils.Database, ref: str) -> dict:
 
 def has_record(db: sqlite_utils.Database, record_id: str) -> bool:
     return db.conn.execute("SELECT 1 FROM records WHERE id = ?", (record_id,)).fetchone() is not None
+
+
+def stored_from(db: sqlite_utils.Database, record_id: str) -> tuple[str, bytes] | None:
+    """(sender, signed head) of a stored record: a duplicate is only one if both match."""
+    row = db.conn.execute("SELECT sender, head FROM records WHERE id = ?", (record_id,)).fetchone()
+    return (row[0], bytes(row[1])) if row else None
 
 
 def list_records(db: sqlite_utils.Database, direction: str | None = None, patient_ix: bytes | None = None,

@@ -44,7 +44,7 @@ def map_exceptions(address: str):
     except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
         raise PeerTimeout(f"{address} did not answer in time") from None
     except aiohttp.InvalidURL:
-        raise UsageError(f"not a usable address: {address}") from None
+        raise PeerUnreachable(f"not a usable address: {address}") from None
     except aiohttp.ClientError as exc:
         raise PeerUnreachable(f"transfer to {address} failed ({exc.__class__.__name__})") from None
 
@@ -86,7 +86,11 @@ class Client:
         for address in peer.addresses:
             try:
                 return await attempt(address)
-            except (PeerUnreachable, PeerTimeout) as exc:
+            except (PeerUnreachable, PeerTimeout, AuthenticationFailed) as exc:
+                last = exc                      # an impostor or a dead address: try the next one
+            except PeerRefused as exc:
+                if exc.signed:
+                    raise                       # the peer itself said no: that is the answer
                 last = exc
         assert last is not None
         raise last
@@ -127,7 +131,7 @@ class Client:
         if not peer.addresses:
             raise PeerUnreachable("no known address for this contact")
         target = f"/v1/records/{record_id}/body?offset={offset}"
-        address = peer.addresses[0]
+        address = await self._each_address(peer, lambda a: self._probe(a, peer, record_id))
         nonce = os.urandom(16)
         headers = auth.sign_request(self.identity, method="GET", target=target, callee=parse_node_id(peer.node_id),
                                     body_digest=auth.digest(b""), now_ms=auth.now_ms(), nonce=nonce)
@@ -139,6 +143,11 @@ class Client:
                     raise PeerRefused(f"{peer.node_id} refused: {answer.get('error', resp.status)}", resp.status)
                 async for piece in resp.content.iter_chunked(1 << 20):
                     yield piece
+
+    async def _probe(self, address: str, peer: Peer, record_id: str) -> str:
+        """The first address that answers as the peer (signed) for a body download."""
+        await self.call(Peer(peer.node_id, peer.sign_key, (address,)), "GET", f"/v1/records/{record_id}/status")
+        return address
 
     async def push_record(self, peer: Peer, record_id: str, head_raw: bytes, body_size: int,
                           read_from: Callable[[int], AsyncIterator[bytes]],
@@ -208,7 +217,8 @@ class Client:
         if auth.H_SIG not in headers and status >= 400:
             # Refused before it could sign (it did not recognise us, or aiohttp itself refused):
             # the reason is shown for diagnosis but marked as unverified.
-            raise PeerRefused(f"{peer.node_id} refused the request (HTTP {status}{_unsigned_reason(raw)})", status)
+            raise PeerRefused(f"{peer.node_id} refused the request (HTTP {status}{_unsigned_reason(raw)})", status,
+                              signed=False)
         auth.verify_response(peer.sign_key, nonce=nonce, status=status, body=raw, headers=headers)
         try:
             answer = wire.unpack(raw, max_size=MAX_ANSWER, what="answer")

@@ -145,8 +145,8 @@ def _int_query(request: web.Request, name: str, default: int | None) -> int | No
         value = int(raw)
     except ValueError:
         raise RemoteProtocolError(f"{name} must be an integer") from None
-    if value < 0:
-        raise RemoteProtocolError(f"{name} must not be negative")
+    if not 0 <= value < 2**63:
+        raise RemoteProtocolError(f"{name} must be between 0 and 2^63-1")
     return value
 
 
