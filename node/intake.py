@@ -117,7 +117,7 @@ class Intake:
                      seq: int | None) -> Outcome:
         """Receive a body from `offset` on; commit it when complete."""
         from .node import now_ms
-        node, h, rid = self.node, head.header, head.header.id_hex
+        node, rid = self.node, head.header.id_hex
         stored = await node.store.call(records.stored_from, rid)
         if stored is not None:
             if stored != (sender, head.raw):
