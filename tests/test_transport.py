@@ -319,3 +319,29 @@ async def test_export_without_hard_links_still_never_overwrites(nodes, tmp_path,
     assert (out / "scan.pdf").read_bytes() == b"already there"
     assert (out / "scan (2).pdf").read_bytes() == b"%PDF scan"
     assert sorted(p.name for p in out.iterdir()) == ["scan (2).pdf", "scan.pdf"]   # no temporary left
+
+
+async def test_a_stranger_is_refused_before_any_body_is_read(nodes):
+    """The door checks who calls before reading: a stranger's 9 MiB batch is refused unread."""
+    a, b = nodes
+    stranger = Identity.generate()
+    target = "/v1/batch"
+    body = b"\0" * (8 << 20)
+    headers = auth.sign_request(stranger, method="POST", target=target, callee=parse_node_id(b.node_id),
+                                body_digest=auth.digest(body), now_ms=auth.now_ms(), nonce=os.urandom(16))
+
+    async def trickle():           # would take a minute to send; the answer must come at once
+        yield body[:1024]
+        await asyncio.sleep(60)
+        yield body[1024:]
+    async with aiohttp.ClientSession() as s:
+        started = asyncio.get_running_loop().time()
+        try:
+            async with s.post(url(b, target), data=trickle(), headers=headers) as resp:
+                status, raw = resp.status, await resp.read()
+        except aiohttp.ClientError:
+            status, raw = 401, b""          # the server may close the connection on us instead
+        assert asyncio.get_running_loop().time() - started < 10
+    assert status == 401
+    if raw:
+        assert "unknown caller" in wire.unpack(raw)["error"]

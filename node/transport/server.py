@@ -19,6 +19,7 @@ Handler that does.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from . import access, auth
 log = logging.getLogger("cabinet.server")
 MAX_SMALL_BODY = 1 << 20
 MAX_BATCH_BODY = 9 << 20
+BODY_TIMEOUT = 60                   # seconds for a small body or an envelope head to arrive
 MSGPACK = "application/msgpack"
 _RECORD_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -113,11 +115,33 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
         return _encode(request, 500, {"error": "internal error"})
 
 
+PUBLIC = {("GET", "/v1/descriptor")}
+_CLAIMS = web.RequestKey("claims", object) if hasattr(web, "RequestKey") else "cabinet.claims"
+_KEY = web.RequestKey("key", object) if hasattr(web, "RequestKey") else "cabinet.key"
+
+
+@web.middleware
+async def door_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Before any body is read: the headers must name a known contact and a current time.
+
+    A stranger cannot make the node buffer a body or hold a handler; the
+    signature itself is checked once the body (or its digest) is known.
+    """
+    if (request.method, request.path) not in PUBLIC:
+        claims = auth.parse_request(request.headers)
+        if abs(auth.now_ms() - claims.ts) > auth.MAX_SKEW_MS:
+            raise AuthenticationFailed("request time is more than 5 minutes off; check the clocks")
+        key = await request.app[HANDLER].sign_key_for(claims.caller)
+        if key is None:
+            raise AuthenticationFailed("unknown caller: this practice has not added you as a contact")
+        request[_CLAIMS], request[_KEY] = claims, key
+    return await handler(request)
+
+
 async def authenticate(request: web.Request, body_digest_of: bytes | None) -> str:
     """Check the caller's signature; remember the nonce so the answer can be signed."""
     h = request.app[HANDLER]
-    claims = auth.parse_request(request.headers)
-    key = await h.sign_key_for(claims.caller)
+    claims, key = request[_CLAIMS], request[_KEY]
     auth.check_request(claims, method=request.method, target=request.raw_path, me=h.identity,
                        sign_key=key, guard=request.app[GUARD], now_ms=auth.now_ms())
     request[_NONCE] = claims.nonce
@@ -153,7 +177,11 @@ def _int_query(request: web.Request, name: str, default: int | None) -> int | No
 async def _small_body(request: web.Request, limit: int = MAX_SMALL_BODY) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise TooLarge(f"request body over {limit} bytes")
-    body = await auth.read_limited(request.content, limit)
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            body = await auth.read_limited(request.content, limit)
+    except TimeoutError:
+        raise RemoteProtocolError("the request body did not arrive in time") from None
     if len(body) > limit:
         raise TooLarge(f"request body over {limit} bytes")
     return body
@@ -164,12 +192,15 @@ async def put_record(request: web.Request) -> web.Response:
     offset = _int_query(request, "offset", 0)
     seq = _int_query(request, "seq", None)
     try:
-        n = int.from_bytes(await request.content.readexactly(4), "big")
-        if n > MAX_HEAD:
-            raise TooLarge(f"envelope head over {MAX_HEAD} bytes")
-        head_raw = await request.content.readexactly(n)
+        async with asyncio.timeout(BODY_TIMEOUT):
+            n = int.from_bytes(await request.content.readexactly(4), "big")
+            if n > MAX_HEAD:
+                raise TooLarge(f"envelope head over {MAX_HEAD} bytes")
+            head_raw = await request.content.readexactly(n)
     except EOFError:
         raise RemoteProtocolError("body ended before the envelope head") from None
+    except TimeoutError:
+        raise RemoteProtocolError("the envelope head did not arrive in time") from None
     caller = await authenticate(request, head_raw)
     answer = await request.app[HANDLER].receive_record(caller, record_id, head_raw, offset, seq, _body(request))
     return _encode(request, answer.status, answer.body)
@@ -254,7 +285,7 @@ async def _body(request: web.Request) -> AsyncIterator[bytes]:
 
 
 def make_app(handler: Handler) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BATCH_BODY)
+    app = web.Application(middlewares=[errors_middleware, door_middleware], client_max_size=MAX_BATCH_BODY)
     app[HANDLER] = handler
     app[GUARD] = auth.ReplayGuard()
     app.router.add_get("/v1/descriptor", get_descriptor)
