@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from node.errors import CabinetError, UsageError
+from node.core.errors import CabinetError, UsageError
 
 from .server import Limits
 from .service import Bootstrap

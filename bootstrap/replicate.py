@@ -19,7 +19,7 @@ from typing import Callable
 
 import aiohttp
 
-from node.errors import CabinetError, RemoteProtocolError
+from node.core.errors import CabinetError, RemoteProtocolError
 from node.transport import directory
 
 from . import storage

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from node import wire
-from node.errors import CabinetError, CryptoError, NotFound, RemoteProtocolError, StoreError, TooLarge, UsageError
-from node.identity import MAX_DESCRIPTOR, normalize_node_id
+from node.core import wire
+from node.core.errors import CabinetError, CryptoError, NotFound, RemoteProtocolError, StoreError, TooLarge, UsageError
+from node.core.identity import MAX_DESCRIPTOR, normalize_node_id
 
 from . import storage
 from .ratelimit import RateLimiter, client_key

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from node.errors import UsageError
+from node.core.errors import UsageError
 
 from . import storage
 from .replicate import Puller

@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterable, TypeVar
 
 import sqlite_utils
 
-from node.errors import CabinetError, CorruptStore, RemoteProtocolError, StoreError, UsageError
-from node.identity import Descriptor
+from node.core.errors import CabinetError, CorruptStore, RemoteProtocolError, StoreError, UsageError
+from node.core.identity import Descriptor
 
 DBFILE = "bootstrap.db"
 SCHEMA_VERSION = 1

@@ -4,7 +4,7 @@ The public API is small: `Node` (open a practice's data folder, send, read,
 reply, serve) and `CabinetError`, the base of every error it raises.
 """
 
-from .errors import CabinetError
+from .core.errors import CabinetError
 from .node import Node
 
 __all__ = ["Node", "CabinetError"]

@@ -12,7 +12,7 @@ import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import CorruptStore, UsageError
+from .core.errors import CorruptStore, UsageError
 
 CONFIG = "config.json"
 DEFAULT_PORT = 7400

@@ -26,22 +26,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Iterable, Sequence
 
-from . import envelope
+from .core import envelope
 from .config import Config, parse_listen, prepare_folder
-from .courier import Courier, Puller
-from .discovery import Discovery
-from .envelope import Attachment, Head, Manifest, Recipient, Sealer
-from .errors import AlreadyExists, CabinetError, NotFound, TooLarge, UsageError
-from .intake import Intake, make_receipt
-from .patients import PatientService
-from .identity import DESCRIPTOR_PREFIX, Descriptor, normalize_node_id, valid_address, parse_node_id, safety_code
+from .app.courier import Courier, Puller
+from .app.discovery import Discovery
+from .core.envelope import Attachment, Head, Manifest, Recipient, Sealer
+from .core.errors import AlreadyExists, CabinetError, NotFound, TooLarge, UsageError
+from .app.intake import Intake, make_receipt
+from .app.patients import PatientService
+from .core.identity import DESCRIPTOR_PREFIX, Descriptor, normalize_node_id, valid_address, parse_node_id, safety_code
 from .store import blobs as blobstore
 from .store import keyfile, records
 from .store.audit import verify as verify_audit
 from .store.db import DBFILE, Store
 from .transport.client import Client, Peer
 from .transport.mdns import Lan
-from .serving import NodeHandler
+from .app.serving import NodeHandler
 from .transport.server import Server
 
 log = logging.getLogger("cabinet.node")

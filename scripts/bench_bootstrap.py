@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import aiohttp  # noqa: E402
 
 from bootstrap import storage  # noqa: E402
-from node.identity import Identity  # noqa: E402
+from node.core.identity import Identity  # noqa: E402
 from node.transport import directory  # noqa: E402
 
 FIRST = ["Anne", "Hélène", "Jean", "Zoé", "François", "Anaïs", "Loïc", "Cécile", "Jérôme", "Maëlle", "Noël", "Paul",

@@ -1,7 +1,7 @@
 """Shared helpers for the scripts/bench_*.py benchmarks (not a benchmark itself).
 
 Everything runs on 127.0.0.1 inside a temporary folder that is removed at the
-end. Node processes are real `python -m node.cli run` processes, set up the way
+end. Node processes are real `python -m node run` processes, set up the way
 tests/conftest.py does it (CABINET_KDF=min, CABINET_PASSPHRASE, contacts
 exchanged through exported descriptor files).
 
@@ -352,7 +352,7 @@ class SelfProfile:
 # --- node processes --------------------------------------------------------------
 
 def cli(data: Path, *args: str, timeout: float = 120) -> str:
-    cmd = [sys.executable, "-m", "node.cli", *args, "--data", str(data)]
+    cmd = [sys.executable, "-m", "node", *args, "--data", str(data)]
     p = subprocess.run(cmd, cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
         raise RuntimeError(f"cabinet {' '.join(args)} failed ({p.returncode}):\n{p.stdout}{p.stderr}")
@@ -380,7 +380,7 @@ class NodeProc:
         return self
 
     def start(self, timeout: float = 30, wrap: list[str] | None = None) -> "NodeProc":
-        cmd = (wrap or []) + [sys.executable, "-m", "node.cli", "run", "--data", str(self.data)]
+        cmd = (wrap or []) + [sys.executable, "-m", "node", "run", "--data", str(self.data)]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=base_env(), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + timeout
@@ -416,7 +416,7 @@ class NodeProc:
         for _ in range(3):
             with contextlib.suppress(OSError):
                 cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-                if b"node.cli" in cmdline and not any(b"py-spy" in c for c in cmdline[:1]):
+                if b"node.faces.cli" in cmdline and not any(b"py-spy" in c for c in cmdline[:1]):
                     return pid
             try:
                 children = open(f"/proc/{pid}/task/{pid}/children").read().split()

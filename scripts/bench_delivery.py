@@ -5,7 +5,7 @@
 
 What is timed, and why this way
 -------------------------------
-The receiver is a real `python -m node.cli run` process. The sender is the
+The receiver is a real `python -m node run` process. The sender is the
 sender's data folder opened with the Python API (`Node.open`) in a separate
 worker process (this script re-run with `_send`), while no `cabinet run`
 process owns that folder. The worker first seals the referral with

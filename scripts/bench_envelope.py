@@ -42,9 +42,9 @@ import bench_common as bc  # noqa: E402
 
 import nacl.bindings as B  # noqa: E402
 
-from node.envelope import (ABYTES, CHUNK, CT_CHUNK, TAG_FINAL, TAG_MESSAGE, Attachment, Head, Manifest,  # noqa: E402
+from node.core.envelope import (ABYTES, CHUNK, CT_CHUNK, TAG_FINAL, TAG_MESSAGE, Attachment, Head, Manifest,  # noqa: E402
                            Recipient, Sealer)
-from node.identity import Identity, node_id_bytes  # noqa: E402
+from node.core.identity import Identity, node_id_bytes  # noqa: E402
 from node.store import blobs as blobstore  # noqa: E402
 
 TARGET = 0.8

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench_small.py [--count 1000] [--time-limit 900] [--profile DIR]
 
-The receiver is a real `python -m node.cli run` process on 127.0.0.1. The
+The receiver is a real `python -m node run` process on 127.0.0.1. The
 sender is driven in this process through the Python API: `Node.open` on its
 data folder (no `cabinet run` owns it), then `send_referral(...)` in a loop.
 `send_referral` returns once the record is sealed, stored in the outbox, pushed
@@ -147,7 +147,7 @@ class Breakdown:
 async def run(a, tmp: Path) -> None:
     from aiohttp import ClientSession
 
-    from node.identity import Descriptor
+    from node.core.identity import Descriptor
     from node.node import Node
     from node.transport.client import Peer
 

@@ -41,7 +41,7 @@ def free_port() -> int:
 
 
 def cabinet(data: Path, *args: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "node.cli", *args, "--data", str(data)], cwd=ROOT, env=ENV,
+    out = subprocess.run([sys.executable, "-m", "node", *args, "--data", str(data)], cwd=ROOT, env=ENV,
                          capture_output=True, text=True, check=True)
     return out.stdout
 
@@ -59,7 +59,7 @@ def introduce(a: Path, b: Path, ida: str, idb: str) -> None:
 
 
 def start(data: Path, *extra: str) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-m", "node.cli", "run", "--data", str(data), *extra], cwd=ROOT, env=ENV,
+    p = subprocess.Popen([sys.executable, "-m", "node", "run", "--data", str(data), *extra], cwd=ROOT, env=ENV,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     line = p.stdout.readline()
     if "listening" not in line:

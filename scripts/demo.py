@@ -60,7 +60,7 @@ class Demo:
         data = self.root / who
         shown = " ".join(shlex.quote(a) for a in args)
         print(f"\n{BOLD}[{who}] $ cabinet {shown}{PLAIN}")
-        proc = subprocess.run([sys.executable, "-m", "node.cli", *args, "--data", str(data)], env=self.env,
+        proc = subprocess.run([sys.executable, "-m", "node", *args, "--data", str(data)], env=self.env,
                               capture_output=True, text=True)
         out = proc.stdout + proc.stderr
         print(out.rstrip())
@@ -69,7 +69,7 @@ class Demo:
         return out
 
     def start(self, who: str) -> None:
-        proc = subprocess.Popen([sys.executable, "-m", "node.cli", "run", "--data", str(self.root / who)],
+        proc = subprocess.Popen([sys.executable, "-m", "node", "run", "--data", str(self.root / who)],
                                 env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.procs.append(proc)
         line = proc.stdout.readline()

@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from node import crypto, envelope, wire  # noqa: E402
-from node.identity import Identity, node_id_bytes, node_id_for  # noqa: E402
+from node.core import crypto, envelope, wire  # noqa: E402
+from node.core.identity import Identity, node_id_bytes, node_id_for  # noqa: E402
 
 OUT = ROOT / "tests" / "vectors" / "envelope-v1.json"
 DAY = 86_400_000

@@ -13,8 +13,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
-from node import envelope, wire
-from node.identity import Identity, node_id_bytes
+from node.core import envelope, wire
+from node.core.identity import Identity, node_id_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors"

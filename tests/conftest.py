@@ -44,7 +44,7 @@ def free_port() -> int:
 def cli(data: Path | None, *args: str, env: dict | None = None, input: str | None = None,
         timeout: float = 60) -> subprocess.CompletedProcess:
     """Run `cabinet ARGS --data DATA` as a real subprocess."""
-    cmd = [sys.executable, "-m", "node.cli", *args]
+    cmd = [sys.executable, "-m", "node", *args]
     if data is not None:
         cmd += ["--data", str(data)]
     return subprocess.run(cmd, cwd=ROOT, env=env or base_env(), input=input, capture_output=True, text=True,
@@ -80,7 +80,7 @@ class NodeProc:
         return self
 
     def start(self, *extra: str, timeout: float = 20) -> "NodeProc":
-        cmd = [sys.executable, "-m", "node.cli", "run", "--data", str(self.data), *extra]
+        cmd = [sys.executable, "-m", "node", "run", "--data", str(self.data), *extra]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=base_env(), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + timeout

@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from bootstrap import storage
 from bootstrap.ratelimit import RateLimiter, client_key
 from conftest import ROOT, base_env, free_port
-from node import wire
-from node.errors import InvalidSignature, PeerRefused, PeerUnreachable, RemoteProtocolError, UsageError
-from node.identity import MAX_DESCRIPTOR, Descriptor, Identity
+from node.core import wire
+from node.core.errors import InvalidSignature, PeerRefused, PeerUnreachable, RemoteProtocolError, UsageError
+from node.core.identity import MAX_DESCRIPTOR, Descriptor, Identity
 from node.transport import directory
 
 DAY = 86_400_000

@@ -1,7 +1,7 @@
 """Bad input at the CLI: one line on stderr that names the problem, a non-zero exit,
 never a traceback, and nothing already stored is lost.
 
-Every check runs `python -m node.cli` as a real subprocess. To keep the file fast,
+Every check runs `python -m node` as a real subprocess. To keep the file fast,
 one pair of running practices (a GP and a cardiologist who know each other) and
 one stopped practice with no contacts are shared by the whole module; a check that
 needs to damage a data folder works on a copy of its own.
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import NodeProc, base_env, cli, free_port, introduce, ok
-from node import envelope
+from node.core import envelope
 
 LETTER = "Cher confrère,\nje vous adresse M. Pierre Roux pour un souffle systolique.\n"
 GP, CARDIO = "Dr Anne Martin", "Dr Paul Durand"

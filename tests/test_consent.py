@@ -15,13 +15,13 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from node import consent
-from node.consent import (IMPLICIT, Grant, check_grant, check_revocation, issue_grant, issue_revocation, k4_pid,
+from node.core import consent
+from node.core.consent import (IMPLICIT, Grant, check_grant, check_revocation, issue_grant, issue_revocation, k4_pid,
                           k4_public, k4_sid, pae, parse_k4_public, parse_recovery_phrase, parse_rfc3339,
                           public_key_for, read_revocation, recovery_phrase, scope_allows, sign_v4_public,
                           verify_v4_public)
-from node.errors import ConsentRefused, InvalidKey, UsageError
-from node.identity import node_id_for
+from node.core.errors import ConsentRefused, InvalidKey, UsageError
+from node.core.identity import node_id_for
 
 PASETO = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "paseto"
 NOW = 1_767_605_400_000                    # 2026-01-05T09:30:00Z

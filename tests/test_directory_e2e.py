@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from conftest import ROOT, NodeProc, base_env, db_rows, free_port, wait_for
-from node.identity import Descriptor
+from node.core.identity import Descriptor
 
 CANARY = "Canary-Bootstrap-4411"
 

@@ -19,10 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from node import crypto, envelope, wire
-from node.envelope import ABYTES, CHUNK, CT_CHUNK, Attachment, BodyParser, Decryptor, Head, Manifest
-from node.errors import CabinetError, InvalidEnvelope, LocalProtocolError, RemoteProtocolError, TooLarge
-from node.identity import Identity, node_id_bytes
+from node.core import crypto, envelope, wire
+from node.core.envelope import ABYTES, CHUNK, CT_CHUNK, Attachment, BodyParser, Decryptor, Head, Manifest
+from node.core.errors import CabinetError, InvalidEnvelope, LocalProtocolError, RemoteProtocolError, TooLarge
+from node.core.identity import Identity, node_id_bytes
 
 try:
     from _vectors import (REPO, attachments_of, case, counter_rng, envelope_vectors, expected, flip, identity,

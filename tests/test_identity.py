@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from node import crypto, identity, wire
-from node.errors import InvalidKey, InvalidSignature, RemoteProtocolError, UsageError
-from node.identity import Descriptor, Identity, format_node_id, node_id_bytes, parse_node_id, safety_code
+from node.core import crypto, identity, wire
+from node.core.errors import InvalidKey, InvalidSignature, RemoteProtocolError, UsageError
+from node.core.identity import Descriptor, Identity, format_node_id, node_id_bytes, parse_node_id, safety_code
 
 ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 NOW = 1_767_605_400_000
@@ -292,7 +292,7 @@ def test_identity_refuses_bad_keys():
 
 
 def test_only_usable_addresses_are_accepted():
-    from node.identity import valid_address
+    from node.core.identity import valid_address
     for good in ("http://127.0.0.1:7400", "https://cabinet.example", "http://[::1]:7400", "http://host:7400/"):
         assert valid_address(good), good
     for bad in ("http://192.168.1.20:74000", "ftp://x", "http://:80", "http://x/path", "x:7400", "http://x:0",

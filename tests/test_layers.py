@@ -13,11 +13,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PURE = {"node.errors", "node.wire", "node.crypto", "node.identity", "node.envelope", "node.consent"}
+PURE = {"node.core.errors", "node.core.wire", "node.core.crypto", "node.core.identity", "node.core.envelope", "node.core.consent"}
 IO_LIBS = {"asyncio", "aiohttp", "sqlite3", "sqlite_utils", "zeroconf", "socket", "threading",
            "concurrent", "subprocess", "selectors"}
-WIRING = {"node", "node.node", "node.serving", "node.courier", "node.intake", "node.discovery", "node.cli",
-          "node.__main__", "node.patients", "node.card", "node.cli_patient"}
+WIRING = {"node", "node.node", "node.app.serving", "node.app.courier", "node.app.intake", "node.app.discovery", "node.faces.cli",
+          "node.__main__", "node.app.patients", "node.core.card", "node.faces.cli_patient"}
 
 
 def module_name(path: Path) -> str:

@@ -25,7 +25,7 @@ import pytest
 from aiohttp import web
 
 from conftest import ROOT, base_env
-from node.identity import Identity
+from node.core.identity import Identity
 from node.transport import mdns
 from node.transport.client import Client
 
@@ -389,7 +389,7 @@ def test_a_node_that_moves_is_found_at_its_new_address(lab, how):
 # --- the real CLI and `cabinet run` on the LAN -------------------------------------------
 
 def _cabinet(ns: str, data: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "node.cli", *args, "--data", str(data)],
+    return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "node", *args, "--data", str(data)],
                           cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -410,7 +410,7 @@ def test_practices_on_a_lan_find_and_add_each_other_by_id_alone(lab, tmp_path):
             ids[n] = next(l.split(": ", 1)[1] for l in out.splitlines() if l.startswith("Node ID"))
             log = tmp_path / f"run{n}.log"
             with open(log, "w") as out:        # a file, not a pipe nobody drains
-                p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "node.cli", "run",
+                p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "node", "run",
                                       "--data", str(data[n])], cwd=ROOT, env=base_env(), stdout=out,
                                      stderr=subprocess.STDOUT, text=True)
             procs.append(p)

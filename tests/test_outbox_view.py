@@ -1,6 +1,6 @@
 """What `cabinet outbox` says for each state of a delivery (the CLI's own formatting)."""
 
-from node.cli import delivery_state
+from node.faces.cli import delivery_state
 from node.sync.outbox import STALE_AFTER_MS
 
 NOW = 1_800_000_000_000

@@ -17,9 +17,10 @@ import sqlite3
 import pytest
 
 from conftest import PASSPHRASE
-from node import Node, consent
-from node.card import Card, check_history, grant as grant_with, history_request, revocation
-from node.errors import AlreadyExists, ConsentRefused, InvalidSignature, PeerRefused, UsageError
+from node import Node
+from node.core import consent
+from node.core.card import Card, check_history, grant as grant_with, history_request, revocation
+from node.core.errors import AlreadyExists, ConsentRefused, InvalidSignature, PeerRefused, UsageError
 from node.store import audit, records
 from node.store import patients as sp
 from node.transport import access
@@ -123,7 +124,7 @@ async def test_b_fetches_exactly_the_records_in_scope_and_can_read_them(world, t
     assert out[0].read_bytes() == (tmp_path / "echo.bin").read_bytes()
     # The copies are sealed to B and to A only: C cannot open them even if it got the bytes.
     row = await w.a.store.call(records.get_record, ids[0])
-    from node.envelope import Head
+    from node.core.envelope import Head
     assert set(Head.from_wire(row["head"]).header.recipient_ids) == {w.a.node_id, w.b.node_id}
     # A narrower request inside the grant: one record.
     one = await w.b.patients.request("A", token=w.grant(scope="all"), want=f"record:{w.records['lab']}")
@@ -430,7 +431,7 @@ async def test_enrolment_keeps_only_the_public_key_and_a_brought_key_works(world
 # --- the commands -----------------------------------------------------------------------------
 
 def _parser():
-    from node import cli_patient
+    from node.faces import cli_patient
     from node.config import default_data_dir
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data", type=lambda s: __import__("pathlib").Path(s), default=default_data_dir())

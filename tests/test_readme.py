@@ -28,16 +28,16 @@ def test_the_three_line_python_example_sends_a_referral(pair, tmp_path):
 
 
 def test_every_command_the_readme_shows_exists():
-    from node.cli import build_parser
+    from node.faces.cli import build_parser
     parser = build_parser()
     commands = set(re.findall(r"^cabinet ([a-z-]+(?: [a-z-]+)?)", README, re.M))
     assert commands
     for cmd in commands:
         words = cmd.split()
-        probe = subprocess.run([sys.executable, "-m", "node.cli", *words, "--help"], cwd=ROOT, env=base_env(),
+        probe = subprocess.run([sys.executable, "-m", "node", *words, "--help"], cwd=ROOT, env=base_env(),
                                capture_output=True, text=True, timeout=30)
         if probe.returncode != 0 and len(words) == 2:      # "cabinet send --to" style: the first word is the command
-            probe = subprocess.run([sys.executable, "-m", "node.cli", words[0], "--help"], cwd=ROOT,
+            probe = subprocess.run([sys.executable, "-m", "node", words[0], "--help"], cwd=ROOT,
                                    env=base_env(), capture_output=True, text=True, timeout=30)
         assert probe.returncode == 0, f"README shows 'cabinet {cmd}', which does not exist: {probe.stderr}"
     assert parser.prog == "cabinet"

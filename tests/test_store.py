@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from node.errors import CorruptStore, StoreError, UsageError, WrongPassphrase
+from node.core.errors import CorruptStore, StoreError, UsageError, WrongPassphrase
 from node.store import audit, keyfile, records
 from node.store.db import DBFILE, Store, connect, transaction
 

@@ -22,8 +22,8 @@ from hypothesis import event, given, settings
 from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
 
-from node.errors import LocalProtocolError, RemoteProtocolError
-from node.intake import MAX_HAVE, ack_from_wire, ack_wire
+from node.core.errors import LocalProtocolError, RemoteProtocolError
+from node.app.intake import MAX_HAVE, ack_from_wire, ack_wire
 from node.sync import outbox
 from node.sync.stream import (MAX_BATCH, Ack, Batch, Fetch, Offer, RecipientStream, Retire, SenderStream,
                               Want)

@@ -10,9 +10,10 @@ import aiohttp
 import pytest
 
 from conftest import PASSPHRASE
-from node import Node, wire
-from node.errors import AuthenticationFailed, InvalidEnvelope, PeerRefused
-from node.identity import Identity, parse_node_id
+from node import Node
+from node.core import wire
+from node.core.errors import AuthenticationFailed, InvalidEnvelope, PeerRefused
+from node.core.identity import Identity, parse_node_id
 from node.store import audit, records
 from node.transport import auth
 from node.transport.client import Peer
@@ -260,8 +261,8 @@ async def test_a_co_recipient_cannot_squat_a_record_id(tmp_path, nodes):
     """M, also a recipient of A's record, pushes its own record under that ID to B first:
     B refuses A's genuine record as a conflict (never 'duplicate', never a receipt), keeps M's
     flagged as M's, and A's outbox does not say delivered."""
-    from node.envelope import Manifest, Recipient, Sealer, seal_bytes
-    from node.identity import node_id_bytes
+    from node.core.envelope import Manifest, Recipient, Sealer, seal_bytes
+    from node.core.identity import node_id_bytes
     a, b = nodes
     m = await make(tmp_path, "M")
     try:

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node import wire
-from node.errors import RemoteProtocolError
+from node.core import wire
+from node.core.errors import RemoteProtocolError
 
 try:
     from _vectors import load_shared

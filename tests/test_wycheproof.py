@@ -11,8 +11,8 @@ import nacl.exceptions
 import nacl.signing
 import pytest
 
-from node import crypto
-from node.errors import InvalidKey, InvalidSignature
+from node.core import crypto
+from node.core.errors import InvalidKey, InvalidSignature
 
 try:
     from _vectors import load_shared
@@ -158,7 +158,7 @@ def test_sealed_key_opening_maps_errors():
     """open_sealed_key: any damage is the one opaque envelope error."""
     from nacl.public import PrivateKey
 
-    from node.errors import InvalidEnvelope
+    from node.core.errors import InvalidEnvelope
 
     me = PrivateKey(b"\x05" * 32)
     sealed = crypto.seal_key(bytes(me.public_key), b"k" * 32)

@@ -13,7 +13,7 @@ import hashlib
 
 import sqlite_utils
 
-from .. import wire
+from ..core import wire
 
 GENESIS = b"\0" * 32
 

@@ -19,8 +19,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..envelope import CT_CHUNK, BodyParser, Decryptor, Header, Manifest, Sealer, plaintext_prefix
-from ..errors import InvalidEnvelope, StoreError, UsageError
+from ..core.envelope import CT_CHUNK, BodyParser, Decryptor, Header, Manifest, Sealer, plaintext_prefix
+from ..core.errors import InvalidEnvelope, StoreError, UsageError
 
 READ_SIZE = 16 * CT_CHUNK          # about 1 MiB, a whole number of ciphertext chunks
 _MAX_INFLIGHT = 4

@@ -17,7 +17,7 @@ from typing import Any, Callable, TypeVar
 
 import sqlite_utils
 
-from ..errors import CorruptStore, StoreError
+from ..core.errors import CorruptStore, StoreError
 from .patients import SCHEMA as PATIENTS_SCHEMA
 
 DBFILE = "cabinet.db"

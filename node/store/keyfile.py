@@ -17,9 +17,9 @@ import nacl.pwhash
 import nacl.secret
 import nacl.utils
 
-from .. import wire
-from ..errors import CorruptStore, ProtocolError, UsageError, WrongPassphrase
-from ..identity import Identity
+from ..core import wire
+from ..core.errors import CorruptStore, ProtocolError, UsageError, WrongPassphrase
+from ..core.identity import Identity
 
 KEYFILE = "keys.cabinet"
 # Profiles: "moderate" (256 MiB, default: a stolen disk must not fall to a GPU

@@ -19,9 +19,9 @@ import re
 
 import sqlite_utils
 
-from .. import crypto, wire
-from ..errors import AlreadyExists, InvalidSignature, NotFound, RemoteProtocolError, UsageError
-from ..identity import Identity, node_id_for
+from ..core import crypto, wire
+from ..core.errors import AlreadyExists, InvalidSignature, NotFound, RemoteProtocolError, UsageError
+from ..core.identity import Identity, node_id_for
 from . import audit
 
 SCHEMA = """

@@ -14,9 +14,9 @@ import nacl.exceptions
 import nacl.secret
 import sqlite_utils
 
-from .. import crypto, wire
-from ..errors import AlreadyExists, CorruptStore, NotFound, ProtocolError, UsageError
-from ..identity import Descriptor
+from ..core import crypto, wire
+from ..core.errors import AlreadyExists, CorruptStore, NotFound, ProtocolError, UsageError
+from ..core.identity import Descriptor
 from . import audit
 from ..sync.stream import Ack, RecipientStream
 from .db import transaction
@@ -113,7 +113,7 @@ def confirm_contact(db: sqlite_utils.Database, node_id: str, now: int) -> str | 
 
 
 def find_contact(db: sqlite_utils.Database, ref: str) -> dict:
-    from ..identity import normalize_node_id
+    from ..core.identity import normalize_node_id
     row = next(db.query("SELECT * FROM contacts WHERE name = ? COLLATE NOCASE", [ref.strip()]), None)
     if row is None:
         try:

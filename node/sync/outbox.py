@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import LocalProtocolError
+from ..core.errors import LocalProtocolError
 
 QUEUED, SENDING, DELIVERED = "queued", "sending", "delivered"
 ATTEMPT_STARTED, RECORD_ACKED, ATTEMPT_FAILED = "AttemptStarted", "RecordAcked", "AttemptFailed"

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import RemoteProtocolError
+from ..core.errors import RemoteProtocolError
 
 MAX_BATCH = 500
 

@@ -20,8 +20,8 @@ from typing import Protocol
 
 from aiohttp import web
 
-from .. import wire
-from ..errors import ConsentRefused
+from ..core import wire
+from ..core.errors import ConsentRefused
 from . import server as _server
 from .client import Client, Peer
 

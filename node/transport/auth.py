@@ -22,9 +22,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Mapping
 
-from .. import crypto, wire
-from ..errors import AuthenticationFailed, InvalidSignature, UsageError
-from ..identity import Identity, node_id_bytes, parse_node_id
+from ..core import crypto, wire
+from ..core.errors import AuthenticationFailed, InvalidSignature, UsageError
+from ..core.identity import Identity, node_id_bytes, parse_node_id
 
 MAX_SKEW_MS = 5 * 60 * 1000
 H_CALLER, H_TIME, H_NONCE, H_DIGEST, H_SIG = (

@@ -16,10 +16,10 @@ from typing import AsyncIterator, Callable
 
 import aiohttp
 
-from .. import wire
-from ..errors import (AuthenticationFailed, PeerRefused, PeerTimeout, PeerUnreachable, ProtocolError,
+from ..core import wire
+from ..core.errors import (AuthenticationFailed, PeerRefused, PeerTimeout, PeerUnreachable, ProtocolError,
                       RemoteProtocolError, TransportError, UsageError)
-from ..identity import Identity, parse_node_id
+from ..core.identity import Identity, parse_node_id
 from . import auth
 
 MAX_ANSWER = 10 << 20          # an outbox answer carries up to 8 MiB of small records

@@ -20,9 +20,9 @@ from urllib.parse import quote
 
 import aiohttp
 
-from .. import wire
-from ..errors import CabinetError, PeerRefused, PeerUnreachable, RemoteProtocolError, UsageError
-from ..identity import MAX_DESCRIPTOR, Descriptor, normalize_node_id
+from ..core import wire
+from ..core.errors import CabinetError, PeerRefused, PeerUnreachable, RemoteProtocolError, UsageError
+from ..core.identity import MAX_DESCRIPTOR, Descriptor, normalize_node_id
 from .client import map_exceptions
 
 MSGPACK = "application/msgpack"

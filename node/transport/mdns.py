@@ -30,8 +30,8 @@ import ifaddr
 from zeroconf import IPVersion, NotRunningException, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from ..errors import CabinetError, TransportError, UsageError
-from ..identity import Descriptor, normalize_node_id
+from ..core.errors import CabinetError, TransportError, UsageError
+from ..core.identity import Descriptor, normalize_node_id
 
 if TYPE_CHECKING:
     from .client import Client

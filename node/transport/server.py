@@ -27,11 +27,11 @@ from typing import AsyncIterator, Protocol
 
 from aiohttp import web
 
-from .. import wire
-from ..envelope import MAX_HEAD
-from ..errors import (AuthenticationFailed, CabinetError, ConsentRefused, CryptoError, NotFound, RemoteProtocolError,
+from ..core import wire
+from ..core.envelope import MAX_HEAD
+from ..core.errors import (AuthenticationFailed, CabinetError, ConsentRefused, CryptoError, NotFound, RemoteProtocolError,
                       StoreError, TooLarge, UsageError)
-from ..identity import Identity
+from ..core.identity import Identity
 from . import access, auth
 
 log = logging.getLogger("cabinet.server")

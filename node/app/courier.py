@@ -18,16 +18,16 @@ import random
 import time
 from typing import TYPE_CHECKING, AsyncIterator
 
-from .errors import CabinetError, InvalidEnvelope, InvalidSignature, RemoteProtocolError, TransportError
+from ..core.errors import CabinetError, InvalidEnvelope, InvalidSignature, RemoteProtocolError, TransportError
 from .intake import ack_from_wire, ack_wire, check_receipt
-from .store import blobs as blobstore
-from .store import records
-from .sync import outbox
-from .sync.stream import Batch, Offer, RecipientStream, SenderStream
-from .transport.client import Peer
+from ..store import blobs as blobstore
+from ..store import records
+from ..sync import outbox
+from ..sync.stream import Batch, Offer, RecipientStream, SenderStream
+from ..transport.client import Peer
 
 if TYPE_CHECKING:
-    from .node import Node
+    from ..node import Node
 
 log = logging.getLogger("cabinet.courier")
 MAX_BATCH_ITEMS = 500
@@ -38,7 +38,7 @@ FAILURES = (TransportError, InvalidSignature, RemoteProtocolError, InvalidEnvelo
 
 
 def _now() -> int:
-    from .node import now_ms
+    from ..node import now_ms
     return now_ms()
 
 

@@ -22,15 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator, Iterator
 
-from . import crypto, wire
-from .envelope import Head, open_bytes
-from .errors import InvalidEnvelope, InvalidSignature, ProtocolError, RemoteProtocolError, StoreError
-from .store import blobs as blobstore
-from .store import records
-from .sync.stream import Ack
+from ..core import crypto, wire
+from ..core.envelope import Head, open_bytes
+from ..core.errors import InvalidEnvelope, InvalidSignature, ProtocolError, RemoteProtocolError, StoreError
+from ..store import blobs as blobstore
+from ..store import records
+from ..sync.stream import Ack
 
 if TYPE_CHECKING:
-    from .node import Node
+    from ..node import Node
 
 log = logging.getLogger("cabinet.intake")
 WRITE_BATCH = 1 << 20
@@ -91,7 +91,7 @@ class Intake:
         self._pool.shutdown(wait=True)
 
     async def refused(self, record_id: str, sender: str, exc: Exception) -> None:
-        from .node import now_ms
+        from ..node import now_ms
         log.warning("record %s from %s refused: %s", record_id, sender, exc)
         await self.node.store.call(records.log, at=now_ms(), event="refused", record=record_id, peer=sender,
                                    detail=str(exc)[:200])
@@ -116,7 +116,7 @@ class Intake:
     async def stream(self, sender: str, head: Head, key: bytes, offset: int, body: AsyncIterator[bytes],
                      seq: int | None) -> Outcome:
         """Receive a body from `offset` on; commit it when complete."""
-        from .node import now_ms
+        from ..node import now_ms
         node, rid = self.node, head.header.id_hex
         stored = await node.store.call(records.stored_from, rid)
         if stored is not None:
@@ -140,7 +140,7 @@ class Intake:
 
     async def _receive(self, sender: str, head: Head, key: bytes, offset: int, body: AsyncIterator[bytes],
                        seq: int | None) -> Outcome:
-        from .node import now_ms
+        from ..node import now_ms
         node, h, rid = self.node, head.header, head.header.id_hex
         have = self.have(rid)
         if offset != have:
@@ -191,7 +191,7 @@ class Intake:
 
     async def small(self, sender: str, items: list[tuple[int | None, bytes, bytes]]) -> tuple[dict[str, str], Ack]:
         """Verify and commit a batch of small records (seq, head, body) in one transaction."""
-        from .node import now_ms
+        from ..node import now_ms
         checked = await self._run(self._verify_all, sender, items)
         rows = [row for row in checked if isinstance(row, dict)]
         results = {}

@@ -17,14 +17,14 @@ import sys
 import time
 from pathlib import Path
 
-from . import card as cards
-from . import consent
-from .card import Card
-from .errors import UsageError
-from .identity import normalize_node_id
-from .node import Node, now_ms
-from .patients import PatientService
-from .store import patients as sp
+from ..core import card as cards
+from ..core import consent
+from ..core.card import Card
+from ..core.errors import UsageError
+from ..core.identity import normalize_node_id
+from ..node import Node, now_ms
+from ..app.patients import PatientService
+from ..store import patients as sp
 
 HEAD_PREFIX, HISTORY_PREFIX = "cabinet-audit-head:", "cabinet-history:"
 

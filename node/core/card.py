@@ -30,7 +30,7 @@ import segno
 from . import consent
 from .errors import ConsentRefused, InvalidKey, UsageError
 from .identity import normalize_node_id
-from .store import patients as store_patients
+from ..store import patients as store_patients
 
 HEADER = "cabinet patient card v1"
 QR_PREFIX = "CABINET-CARD:1:"

@@ -11,17 +11,17 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, AsyncIterator
 
-from .errors import AuthenticationFailed, CabinetError, NotFound, RemoteProtocolError
-from .identity import Descriptor
+from ..core.errors import AuthenticationFailed, CabinetError, NotFound, RemoteProtocolError
+from ..core.identity import Descriptor
 from .intake import ack_from_wire, ack_wire, check_receipt, make_receipt
 from .patients import PatientEndpoints
-from .store import blobs as blobstore
-from .store import records
-from .sync.stream import SenderStream, Want
-from .transport.server import Answer
+from ..store import blobs as blobstore
+from ..store import records
+from ..sync.stream import SenderStream, Want
+from ..transport.server import Answer
 
 if TYPE_CHECKING:
-    from .node import Node
+    from ..node import Node
 
 log = logging.getLogger("cabinet.serving")
 DRAIN_LIMIT = 1 << 20
@@ -29,7 +29,7 @@ MAX_INLINE_ANSWER = 8 << 20
 
 
 def _now() -> int:
-    from .node import now_ms
+    from ..node import now_ms
     return now_ms()
 
 

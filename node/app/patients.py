@@ -31,19 +31,19 @@ import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from . import consent, wire
-from .card import Card, read_history_request
-from .envelope import BodyParser, Decryptor, Head, Header, Manifest, Recipient, Sealer
-from .errors import ConsentRefused, InvalidEnvelope, UsageError
-from .identity import Descriptor, normalize_node_id, parse_node_id
-from .store import blobs as blobstore
-from .store import patients as sp
-from .store import records
-from .transport import access
-from .transport.server import Answer
+from ..core import consent, wire
+from ..core.card import Card, read_history_request
+from ..core.envelope import BodyParser, Decryptor, Head, Header, Manifest, Recipient, Sealer
+from ..core.errors import ConsentRefused, InvalidEnvelope, UsageError
+from ..core.identity import Descriptor, normalize_node_id, parse_node_id
+from ..store import blobs as blobstore
+from ..store import patients as sp
+from ..store import records
+from ..transport import access
+from ..transport.server import Answer
 
 if TYPE_CHECKING:
-    from .node import Node
+    from ..node import Node
 
 log = logging.getLogger("cabinet.patients")
 MAX_REASON = 500
@@ -51,7 +51,7 @@ MIN_REASON = 10
 
 
 def _real_now() -> int:
-    from .node import now_ms
+    from ..node import now_ms
     return now_ms()
 
 
@@ -259,7 +259,7 @@ class PatientService:
 
     async def _copy(self, requester: str, ref: str, original: str, now: int, grant: str | None,
                     emergency: bool) -> str:
-        from .node import now_ms
+        from ..node import now_ms
         node = self.node
         row = await self.store.call(records.get_record, original)
         head = Head.from_wire(row["head"])
@@ -348,7 +348,7 @@ class PatientService:
 
     async def fetch_history(self, card: Card, *, now: int | None = None) -> tuple[bytes, dict]:
         """The card's history from its practice (here, or a contact); checked against the practice's key."""
-        from .card import check_history, history_request
+        from ..core.card import check_history, history_request
         token = history_request(card, by=self.node.node_id, now=await self._now(now))
         if card.practice == self.node.node_id:
             raw = await self.history_for(token, caller=self.node.node_id, now=now)

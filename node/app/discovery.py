@@ -18,13 +18,13 @@ import logging
 from typing import TYPE_CHECKING
 
 from .courier import _Loop
-from .errors import CabinetError, NotFound, UsageError
-from .identity import Descriptor, normalize_node_id
-from .store import records
-from .transport import directory, mdns
+from ..core.errors import CabinetError, NotFound, UsageError
+from ..core.identity import Descriptor, normalize_node_id
+from ..store import records
+from ..transport import directory, mdns
 
 if TYPE_CHECKING:
-    from .node import Node
+    from ..node import Node
 
 log = logging.getLogger("cabinet.discovery")
 REFRESH_EVERY = 600.0

@@ -22,10 +22,10 @@ from pathlib import Path
 import segno
 
 from . import cli_patient
-from .config import default_data_dir
-from .errors import CabinetError, UsageError
-from .node import Node, Summary
-from .transport import mdns
+from ..config import default_data_dir
+from ..core.errors import CabinetError, UsageError
+from ..node import Node, Summary
+from ..transport import mdns
 
 log = logging.getLogger("cabinet.cli")
 
@@ -45,7 +45,7 @@ def passphrase(confirm: bool = False) -> str:
 
 
 def _url(text: str) -> str:
-    from .identity import valid_address
+    from ..core.identity import valid_address
     if not valid_address(text):
         raise UsageError(f"not an address: {text!r} (expected http://host:port)")
     return text.rstrip("/")
@@ -239,7 +239,7 @@ async def cmd_contact_list(a) -> int:
         if not rows:
             print("No contacts yet: 'cabinet contact add' adds one.")
         for c in rows:
-            from .identity import Descriptor
+            from ..core.identity import Descriptor
             d = Descriptor.from_wire(c["descriptor"])
             state = "verified" if c["verified"] else "unverified (trust on first use)"
             print(f"{c['name']:24}  {c['node_id']}  {d.specialty or '-'}, {d.city or '-'}  {state}")
