@@ -1,14 +1,18 @@
-"""Shared helpers for the envelope, wire, identity and Wycheproof tests.
+"""Common helpers for the envelope, wire, identity, consent and Wycheproof tests.
 
-Public vectors are read from the shared folder beside the repository
-(../shared/vectors), never copied in; the envelope's own known-answer vectors
-live in tests/vectors/ and are written by scripts/gen_vectors.py.
+Public vectors (Wycheproof, PASETO/PASERK, the msgpack test suite) live in
+tests/vectors/public/<source>/, copied unchanged from upstream, each folder with
+its upstream LICENSE and a SOURCE.md that lists every file and its SHA-256;
+`load_public` refuses a file whose bytes no longer match that list. The
+envelope's own known-answer vectors are tests/vectors/envelope-v1.json, written
+by scripts/gen_vectors.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
@@ -17,13 +21,29 @@ from node.core import envelope, wire
 from node.core.identity import Identity, node_id_bytes
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors"
+PUBLIC_VECTORS = REPO / "tests" / "vectors" / "public"
 ENVELOPE_VECTORS = REPO / "tests" / "vectors" / "envelope-v1.json"
+_LISTED = re.compile(r"^\| `([^`]+)` \| `([0-9a-f]{64})` \|$", re.MULTILINE)
 
 
-def load_shared(relative: str) -> Any:
-    """A JSON file from ../shared/vectors (wycheproof/..., msgpack-test-suite/...)."""
-    return json.loads((SHARED_VECTORS / relative).read_text(encoding="utf-8"))
+def listed_hashes(source: str) -> dict[str, str]:
+    """File name -> SHA-256 as listed in tests/vectors/public/<source>/SOURCE.md."""
+    text = (PUBLIC_VECTORS / source / "SOURCE.md").read_text(encoding="utf-8")
+    return dict(_LISTED.findall(text))
+
+
+def load_public(relative: str) -> Any:
+    """A JSON file from tests/vectors/public ("wycheproof/x25519_test.json", "paseto/v4.json", ...).
+
+    The bytes must hash to what the folder's SOURCE.md lists: the copies are
+    upstream's files unchanged, and a test would mean nothing on an edited one.
+    """
+    source, name = relative.split("/", 1)
+    raw = (PUBLIC_VECTORS / relative).read_bytes()
+    want = listed_hashes(source).get(name)
+    if want is None or hashlib.sha256(raw).hexdigest() != want:
+        raise AssertionError(f"tests/vectors/public/{relative} is not listed in SOURCE.md or was changed")
+    return json.loads(raw.decode("utf-8"))
 
 
 def counter_rng(seed: bytes) -> Callable[[int], bytes]:

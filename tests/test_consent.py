@@ -1,7 +1,7 @@
 """Consent tokens: PASETO v4.public and PASERK vectors, grants, revocations, recovery phrases.
 
-The PASETO and PASERK vectors are read from ../shared/vectors/paseto (never
-copied in). The clock is always injected: no test sleeps.
+The PASETO and PASERK vectors are upstream's files, unchanged, in
+tests/vectors/public/paseto/. The clock is always injected: no test sleeps.
 """
 
 from __future__ import annotations
@@ -23,7 +23,11 @@ from node.core.consent import (IMPLICIT, Grant, check_grant, check_revocation, i
 from node.core.errors import ConsentRefused, InvalidKey, UsageError
 from node.core.identity import node_id_for
 
-PASETO = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "paseto"
+try:
+    from _vectors import load_public
+except ImportError:  # tests/ imported as a package
+    from tests._vectors import load_public
+
 NOW = 1_767_605_400_000                    # 2026-01-05T09:30:00Z
 DAY = 86_400_000
 SKEW = 60_000
@@ -38,7 +42,7 @@ JTI = "grant-0001-AAAAAAAAAA"
 
 
 def load(name: str) -> list[dict]:
-    return json.loads((PASETO / name).read_text(encoding="utf-8"))["tests"]
+    return load_public(f"paseto/{name}")["tests"]
 
 
 def v4(prefix: str) -> list[dict]:

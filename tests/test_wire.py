@@ -1,4 +1,9 @@
-"""Canonical msgpack: the public msgpack test suite, canonical-form rules, limits, properties."""
+"""Canonical msgpack: the public msgpack test suite, canonical-form rules, limits, properties.
+
+The suite is upstream's file, unchanged, in tests/vectors/public/msgpack-test-suite/.
+A decoded value must equal the original in type as well as value (`same`):
+0 == False and 1 == 1.0 in Python, but they are different values on the wire.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +16,49 @@ from node.core import wire
 from node.core.errors import RemoteProtocolError
 
 try:
-    from _vectors import load_shared
+    from _vectors import load_public
 except ImportError:  # tests/ imported as a package
-    from tests._vectors import load_shared
+    from tests._vectors import load_public
 
-SUITE = load_shared("msgpack-test-suite/msgpack-test-suite.json")
+SUITE = load_public("msgpack-test-suite/msgpack-test-suite.json")
 UNSUPPORTED = ("float", "timestamp", "ext", "uint64 above int64")
+
+
+def decoded_form(value):
+    """What wire.unpack gives back for `value`: arrays as lists (a tuple packs as an array), map keys in
+    canonical order (UTF-8 bytes), every other value as it is."""
+    if isinstance(value, (list, tuple)):
+        return [decoded_form(v) for v in value]
+    if isinstance(value, dict):
+        return {k: decoded_form(value[k]) for k in sorted(value, key=lambda k: k.encode("utf-8"))}
+    return value
+
+
+def same(got, want) -> bool:
+    """Equal in type and value all the way down: False is not 0, 1 is not 1.0, b"a" is not "a",
+    a tuple is not a list, and maps hold the same keys in the same order."""
+    if type(got) is not type(want):
+        return False
+    if isinstance(want, list):
+        return len(got) == len(want) and all(same(g, w) for g, w in zip(got, want))
+    if isinstance(want, dict):
+        return list(got) == list(want) and all(same(got[k], want[k]) for k in want)
+    return got == want
+
+
+def assert_decodes_to(got, value) -> None:
+    assert same(got, decoded_form(value)), f"decoded {got!r}, expected {decoded_form(value)!r} (type-strict)"
+
+
+def test_same_tells_apart_what_python_equality_does_not():
+    for a, b in ((0, False), (1, True), (1, 1.0), (b"a", "a"), ([1], (1,)), (None, 0), ([0], [False]),
+                 ({"a": [1]}, {"a": [True]}), ({"a": 1, "b": 2}, {"b": 2, "a": 1}), ([[b""]], [[""]])):
+        assert not same(a, b) and not same(b, a)
+    for value in (None, False, True, 0, -1, 2**63 - 1, "", "é", b"", b"\x00", [], {}, [0, False, b"", ""],
+                  {"a": {"b": [None, True]}}):
+        assert same(value, value) and same(decoded_form(value), value)
+    assert same(decoded_form((1, (False,))), [1, [False]]) and not same((1,), [1])
+    assert list(decoded_form({"b": 1, "a": 2, "B": 3})) == ["B", "a", "b"]
 
 
 def _value(entry: dict):
@@ -70,8 +112,7 @@ def test_msgpack_suite(group, index, entry):
     assert canonical in encodings, "the suite lists the shortest form of every supported value"
     for raw in encodings:
         if raw == canonical:
-            got = wire.unpack(raw)
-            assert got == value and type(got) is type(value)
+            assert_decodes_to(wire.unpack(raw), value)
         else:
             with pytest.raises(RemoteProtocolError, match="malformed"):
                 wire.unpack(raw)
@@ -87,7 +128,7 @@ def test_suite_non_canonical_encodings_decode_to_the_same_value_elsewhere():
             continue
         for raw in _encodings(entry):
             if raw != wire.pack(value) and raw[0] not in (0xCA, 0xCB):
-                assert msgpack.unpackb(raw, raw=False) == value
+                assert_decodes_to(msgpack.unpackb(raw, raw=False), value)
                 checked += 1
     assert checked > 100
 
@@ -135,6 +176,7 @@ def test_pack_refuses_what_the_format_forbids():
         with pytest.raises(ValueError):
             wire.pack(bad)
     assert wire.pack((1, 2)) == wire.pack([1, 2])
+    assert same(wire.unpack(wire.pack((1, (True, b"x")))), [1, [True, b"x"]])     # arrays come back as lists
     assert wire.unpack(wire.pack(2**63 - 1)) == 2**63 - 1
     with pytest.raises(RemoteProtocolError):          # valid msgpack, but beyond what SQLite can hold
         wire.unpack(b"\xcf" + (2**64 - 1).to_bytes(8, "big"))
@@ -225,6 +267,7 @@ def test_only_fields_helper():
 _scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=50)
             | st.binary(max_size=50))
 _values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=5)
+                       | st.lists(inner, max_size=5).map(tuple)
                        | st.dictionaries(st.text(max_size=10), inner, max_size=5), max_leaves=30)
 
 
@@ -233,9 +276,9 @@ _values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=5)
 def test_round_trip(value):
     raw = wire.pack(value)
     back = wire.unpack(raw)
-    assert back == value
+    assert_decodes_to(back, value)
     assert wire.pack(back) == raw
-    assert msgpack.unpackb(raw, raw=False) == value      # plain msgpack readers can read it too
+    assert_decodes_to(msgpack.unpackb(raw, raw=False), value)      # plain msgpack readers can read it too
 
 
 @settings(max_examples=500, deadline=None)
@@ -258,4 +301,14 @@ def test_mutated_encodings_never_raise_anything_else(value, data):
         back = wire.unpack(bytes(raw))
     except RemoteProtocolError:
         return
-    assert wire.pack(back) == bytes(raw) and back != value
+    assert wire.pack(back) == bytes(raw) and not same(back, decoded_form(value))
+
+
+def test_a_mutation_that_changes_only_the_type_is_a_different_value():
+    """The case that once failed the property above: False -> 0 compares equal in Python."""
+    cases = [(False, b"\x00", 0), ([True], b"\x91\x01", [1]), ({"a": 1}, b"\x81\xa1a\xc3", {"a": True})]
+    for original, mutated, back in cases:
+        assert wire.pack(original) != mutated
+        got = wire.unpack(mutated)
+        assert got == original                      # Python equality alone would call this "unchanged"
+        assert same(got, back) and not same(got, decoded_form(original))

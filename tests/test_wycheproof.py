@@ -1,7 +1,9 @@
 """Wycheproof vectors through the project's crypto wrappers (and the AEAD under secretstream).
 
-The files are read as they are upstream: `testGroups[].tests[]`, each test with a
-`tcId`, `flags` and a `result` of "valid", "invalid" or "acceptable".
+The files are upstream's, unchanged, in tests/vectors/public/wycheproof/ (see its
+SOURCE.md): `testGroups[].tests[]`, each test with a `tcId`, `flags` and a
+`result` of "valid", "invalid" or "acceptable". The last test checks that every
+folder of public vectors is exactly the files its SOURCE.md lists.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ from node.core import crypto
 from node.core.errors import InvalidKey, InvalidSignature
 
 try:
-    from _vectors import load_shared
+    from _vectors import PUBLIC_VECTORS, listed_hashes, load_public
 except ImportError:  # tests/ imported as a package
-    from tests._vectors import load_shared
+    from tests._vectors import PUBLIC_VECTORS, listed_hashes, load_public
 
 
 def _tests(name: str, *group_keys: str) -> list[tuple]:
-    data = load_shared(f"wycheproof/{name}")
+    data = load_public(f"wycheproof/{name}")
     assert data["numberOfTests"] == sum(len(g["tests"]) for g in data["testGroups"])
     return [(*(g[k] for k in group_keys), t) for g in data["testGroups"] for t in g["tests"]]
 
@@ -172,3 +174,21 @@ def test_sealed_key_opening_maps_errors():
     short = B.crypto_box_seal(b"k" * 31, bytes(me.public_key))
     with pytest.raises(InvalidEnvelope):
         crypto.open_sealed_key(me, short)
+
+
+# --- provenance of every public vector folder ---------------------------------------
+
+def test_public_vectors_are_exactly_the_listed_upstream_files():
+    """Each folder: a LICENSE, a SOURCE.md, and only files whose SHA-256 SOURCE.md lists."""
+    import hashlib
+
+    folders = sorted(p.name for p in PUBLIC_VECTORS.iterdir() if p.is_dir())
+    assert folders == ["msgpack-test-suite", "paseto", "wycheproof"]
+    for folder in folders:
+        listed = listed_hashes(folder)
+        present = {p.name for p in (PUBLIC_VECTORS / folder).iterdir()} - {"SOURCE.md"}
+        assert "LICENSE" in listed and present == set(listed), folder
+        for name, digest in listed.items():
+            assert hashlib.sha256((PUBLIC_VECTORS / folder / name).read_bytes()).hexdigest() == digest, name
+        source = (PUBLIC_VECTORS / folder / "SOURCE.md").read_text(encoding="utf-8")
+        assert "unchanged" in source and "https://github.com/" in source, folder
