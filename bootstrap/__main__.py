@@ -1,4 +1,4 @@
-"""`python -m bootstrap --listen HOST:PORT --data DIR [--peer URL ...]`
+"""`python -m bootstrap --listen HOST:PORT --data DIR [--peer URL ...] [--trust-proxy ADDR ...]`
 
 Bad arguments or an unusable data folder get one line on stderr and a
 non-zero exit. SIGTERM or SIGINT stop it cleanly (exit 0).
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from node.core.errors import CabinetError, UsageError
 
+from .ratelimit import parse_proxies
 from .server import Limits
 from .service import Bootstrap
 
@@ -37,6 +38,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--announce-burst", type=float, default=40, help="announce burst per client (default 40)")
     p.add_argument("--read-rate", type=float, default=200, help="reads per second per client (default 200)")
     p.add_argument("--read-burst", type=float, default=400, help="read burst per client (default 400)")
+    p.add_argument("--new-per-block", type=int, default=20, metavar="N",
+                   help="identities never seen before, per IPv4 /24 or IPv6 /56, per period (default 20)")
+    p.add_argument("--new-total", type=int, default=500, metavar="N",
+                   help="identities never seen before, from everyone, per period (default 500)")
+    p.add_argument("--new-period", type=float, default=3600, metavar="SECONDS",
+                   help="the period of the two caps above (default 3600)")
+    p.add_argument("--trust-proxy", action="append", default=[], metavar="ADDR",
+                   help="a reverse proxy whose X-Forwarded-For is believed (address or network; repeatable)")
     p.add_argument("--sync-wait", type=int, default=25, help="seconds a sync request to a peer long-polls")
     p.add_argument("--sync-interval", type=float, default=1.0,
                    help="pause between sync rounds that brought nothing new (seconds)")
@@ -52,7 +61,11 @@ async def serve(a: argparse.Namespace) -> int:
         raise UsageError("rates must be positive and bursts at least 1")
     if not 0 <= a.sync_wait <= 30 or a.sync_interval < 0:
         raise UsageError("--sync-wait must be 0..30 and --sync-interval not negative")
-    limits = Limits(a.announce_rate, a.announce_burst, a.read_rate, a.read_burst)
+    if min(a.new_per_block, a.new_total) < 1 or a.new_period <= 0:
+        raise UsageError("--new-per-block and --new-total must be at least 1 and --new-period positive")
+    parse_proxies(a.trust_proxy)
+    limits = Limits(a.announce_rate, a.announce_burst, a.read_rate, a.read_burst, new_per_block=a.new_per_block,
+                    new_total=a.new_total, new_period=a.new_period, trusted_proxies=tuple(a.trust_proxy))
     b = Bootstrap(a.data, host, port, peers=tuple(a.peer), limits=limits, sync_wait=a.sync_wait,
                   sync_interval=a.sync_interval, trace=a.trace)
     await b.start()

@@ -2,12 +2,14 @@
 
     POST /v1/announce              body: a signed descriptor; verified, then stored
     GET  /v1/nodes/{node_id}       the signed descriptor, 404 if unknown or expired
-    GET  /v1/search?q=words        {"items": [descriptor, ...]}, at most 50
+    GET  /v1/search?q=words        {"items": [descriptor, ...], "conflicts": [[flag, ...], ...]}, at most 50
     GET  /v1/sync?since=N&limit=M&wait=S   {"db", "items", "last", "more"} for anti-entropy
 
-Answers are canonical msgpack (a lookup answers the descriptor bytes as they
-were signed). One middleware limits each client address (token buckets) and
-one maps the project's errors to statuses, so malformed input gets a clear
+Answers are canonical msgpack, shaped by node/core/directory.py (a lookup answers the
+descriptor bytes as they were signed). One middleware finds the client's address (the
+connection's, or X-Forwarded-For from a trusted proxy) and limits it (token buckets);
+identities never seen before are counted against a quota per address block and in total;
+one middleware maps the project's errors to statuses, so malformed input gets a clear
 status and message and the server keeps serving. See docs/bootstrap.md.
 """
 
@@ -15,24 +17,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from pathlib import Path
 from dataclasses import dataclass
 
 from aiohttp import web
 
+from node.core import directory as codec
 from node.core import wire
+from node.core.directory import DESCRIPTOR_TYPE, MAX_WAIT, MSGPACK, SyncPage
 from node.core.errors import CabinetError, CryptoError, NotFound, RemoteProtocolError, StoreError, TooLarge, UsageError
 from node.core.identity import MAX_DESCRIPTOR, normalize_node_id
 
 from . import storage
-from .ratelimit import RateLimiter, client_key
-from .storage import Expired, Revoked, Rollback, Storage
+from .ratelimit import NewIdentityQuota, RateLimiter, block_key, client_address, client_key, parse_proxies
+from .storage import Expired, NewIdentityLimit, Revoked, Rollback, Storage
 
 log = logging.getLogger("cabinet.bootstrap")
-MSGPACK = "application/msgpack"
-DESCRIPTOR_TYPE = "application/x-cabinet-descriptor"
-MAX_WAIT = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +43,10 @@ class Limits:
     announce_burst: float = 40
     read_rate: float = 200
     read_burst: float = 400
+    new_per_block: int = 20             # identities never seen, per IPv4 /24 or IPv6 /56 ...
+    new_total: int = 500                # ... and from everyone,
+    new_period: float = 3600            # per this many seconds
+    trusted_proxies: tuple[str, ...] = ()   # X-Forwarded-For is believed only from these
 
 
 class Changes:
@@ -66,8 +72,12 @@ STORAGE = web.AppKey("storage", Storage)
 CHANGES = web.AppKey("changes", Changes)
 ANNOUNCE_LIMIT = web.AppKey("announce_limit", RateLimiter)
 READ_LIMIT = web.AppKey("read_limit", RateLimiter)
+NEW_IDENTITIES = web.AppKey("new_identities", NewIdentityQuota)
+PROXIES = web.AppKey("proxies", tuple)
+CLIENT = web.RequestKey("client", str)      # the client's address, as client_address found it
 
 STATUS = [
+    (NewIdentityLimit, 429),
     (TooLarge, 413), (NotFound, 404), (Rollback, 409), (Revoked, 409), (Expired, 422), (RemoteProtocolError, 400),
     (CryptoError, 422), (StoreError, 503), (UsageError, 400),
 ]
@@ -95,24 +105,28 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
     except CabinetError as err:
         status = status_for(err)
         log.info("refused %s %s: %s (%d)", request.method, request.path, err, status)
-        return answer({"error": str(err)}, status)
+        retry = getattr(err, "retry_after", None)
+        headers = {"Retry-After": str(max(1, round(retry)))} if retry is not None else None
+        return answer(codec.error_body(str(err)), status, headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         # aiohttp's own refusals (413 over client_max_size, 404 no route, 405) also answer msgpack.
-        return answer({"error": exc.reason.lower()}, exc.status)
+        return answer(codec.error_body(exc.reason.lower()), exc.status)
     except Exception:
         log.exception("internal error handling %s %s", request.method, request.path)
-        return answer({"error": "internal error"}, 500)
+        return answer(codec.error_body("internal error"), 500)
 
 
 @web.middleware
 async def rate_limit_middleware(request: web.Request, handler) -> web.StreamResponse:
+    address = client_address(request.remote, request.headers.getall("X-Forwarded-For", []), request.app[PROXIES])
+    request[CLIENT] = address or "?"
     limiter = request.app[ANNOUNCE_LIMIT if request.method == "POST" else READ_LIMIT]
-    client = client_key(request.remote)
+    client = client_key(address)
     if not limiter.allow(client, time.monotonic()):
         retry = max(1, round(limiter.retry_after(client)))
-        return answer({"error": "too many requests: slow down"}, 429, headers={"Retry-After": str(retry)})
+        return answer(codec.error_body("too many requests: slow down"), 429, headers={"Retry-After": str(retry)})
     return await handler(request)
 
 
@@ -133,12 +147,18 @@ async def post_announce(request: web.Request) -> web.Response:
     raw = await request.read()
     if not raw:
         raise RemoteProtocolError("empty body: expected a signed descriptor")
-    stored = await request.app[STORAGE].write(storage.put, raw, now_ms())
+    quota, block = request.app[NEW_IDENTITIES], block_key(request[CLIENT])
+
+    def admit() -> None:           # runs on the storage writer thread, the quota's only user
+        wait = quota.admit(block, time.monotonic())
+        if wait:
+            raise NewIdentityLimit("too many new identities from this network lately: try again later", wait)
+
+    stored = await request.app[STORAGE].write(storage.put, raw, now_ms(), admit)
     if stored.changed:
         request.app[CHANGES].notify()
         log.info("stored %s seq %d", stored.node_id, stored.seq)
-    return answer({"status": "stored" if stored.changed else "unchanged", "node_id": stored.node_id,
-                   "seq": stored.seq})
+    return answer(codec.announce_answer("stored" if stored.changed else "unchanged", stored.node_id, stored.seq))
 
 
 async def get_node(request: web.Request) -> web.Response:
@@ -150,13 +170,13 @@ async def get_node(request: web.Request) -> web.Response:
 
 
 async def get_search(request: web.Request) -> web.Response:
-    items = await request.app[STORAGE].read(storage.search, request.query.get("q", ""), now_ms())
-    return answer({"items": items})
+    items, conflicts = await request.app[STORAGE].read(storage.search_flagged, request.query.get("q", ""), now_ms())
+    return answer(codec.search_answer(items, conflicts))
 
 
 async def get_sync(request: web.Request) -> web.Response:
     since = _int(request, "since", 0, 0, 2**62)
-    limit = _int(request, "limit", 500, 1, storage.SYNC_MAX_ITEMS)
+    limit = _int(request, "limit", codec.SYNC_LIMIT, 1, codec.SYNC_MAX_ITEMS)
     wait = _int(request, "wait", 0, 0, MAX_WAIT)
     store, changes = request.app[STORAGE], request.app[CHANGES]
     event = changes.current()
@@ -168,7 +188,7 @@ async def get_sync(request: web.Request) -> web.Response:
         except asyncio.TimeoutError:
             pass
         page = await store.read(storage.changes, since, limit, now_ms())
-    return answer({"db": store.db_id, "items": page.items, "last": page.last, "more": page.more})
+    return answer(SyncPage(db=store.db_id, items=page.items, last=page.last, more=page.more).to_wire())
 
 
 def trace_middleware(path: Path):
@@ -177,7 +197,7 @@ def trace_middleware(path: Path):
     @web.middleware
     async def trace(request: web.Request, handler) -> web.StreamResponse:
         body = await request.read() if request.can_read_body else b""
-        with open(path, "ab") as fh:
+        with open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as fh:
             fh.write(f"{request.method} {request.path_qs} {len(body)}\n".encode() + body + b"\n")
         return await handler(request)
     return trace
@@ -191,6 +211,8 @@ def make_app(store: Storage, limits: Limits = Limits(), trace: Path | None = Non
     app[CHANGES] = Changes()
     app[ANNOUNCE_LIMIT] = RateLimiter(limits.announce_rate, limits.announce_burst)
     app[READ_LIMIT] = RateLimiter(limits.read_rate, limits.read_burst)
+    app[NEW_IDENTITIES] = NewIdentityQuota(limits.new_per_block, limits.new_total, limits.new_period)
+    app[PROXIES] = parse_proxies(limits.trusted_proxies)
     app.router.add_post("/v1/announce", post_announce)
     app.router.add_get("/v1/nodes/{node_id}", get_node)
     app.router.add_get("/v1/search", get_search)

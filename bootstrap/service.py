@@ -63,8 +63,10 @@ class Bootstrap:
         self._tasks.append(asyncio.create_task(self._purge(), name="purge"))
 
     async def _purge(self) -> None:
+        store = self.store
+        assert store is not None          # started before this task
         while True:
-            n = await self.store.write(storage.purge, now_ms())
+            n = await store.write(storage.purge, now_ms())
             if n:
                 log.info("reduced %d long-expired descriptor(s) to tombstones", n)
             await asyncio.sleep(PURGE_EVERY)

@@ -18,10 +18,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import re
 import sqlite3
 import threading
-import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,17 +27,15 @@ from typing import Any, Callable, Iterable, TypeVar
 
 import sqlite_utils
 
+from node.core import directory as codec
+from node.core.directory import SEARCH_LIMIT, SYNC_MAX_ITEMS, normalise
 from node.core.errors import CabinetError, CorruptStore, RemoteProtocolError, StoreError, UsageError
 from node.core.identity import Descriptor
 
 DBFILE = "bootstrap.db"
 SCHEMA_VERSION = 1
-SEARCH_LIMIT = 50
-MAX_QUERY_CHARS = 200
-MAX_QUERY_WORDS = 8
 MAX_EXPIRY_MS = 400 * 86_400_000     # a descriptor may not claim to be valid for longer than this
 PURGE_AFTER_MS = 30 * 86_400_000     # expired descriptors are reduced to a tombstone this long after expiry
-SYNC_MAX_ITEMS = 1000
 SYNC_MAX_BYTES = 1 << 20
 READERS = 4
 T = TypeVar("T")
@@ -60,6 +56,7 @@ CREATE TABLE IF NOT EXISTS descriptors (
     revoked   INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS descriptors_expires ON descriptors (expires);
+CREATE INDEX IF NOT EXISTS descriptors_rpps ON descriptors (rpps);
 CREATE VIRTUAL TABLE IF NOT EXISTS descriptors_fts
     USING fts5(text, tokenize = 'unicode61 remove_diacritics 0', prefix = '1 2 3');
 CREATE TABLE IF NOT EXISTS peers (
@@ -82,29 +79,19 @@ class Rollback(RemoteProtocolError):
     """A descriptor older (lower seq) than the one already stored for that node."""
 
 
-# --- text normalisation ------------------------------------------------------------
+class NewIdentityLimit(CabinetError):
+    """Too many identities this bootstrap never saw, from one address block or in total, lately."""
 
-_WORD = re.compile(r"[^\W_]+")
-_LIGATURES = str.maketrans({"œ": "oe", "æ": "ae", "ø": "o", "ł": "l", "đ": "d", "ı": "i"})
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
-def normalise(text: str) -> str:
-    """'Saint-Étienne, CŒUR' -> 'saint etienne coeur': what is indexed and what is searched."""
-    folded = unicodedata.normalize("NFKD", text.casefold())
-    plain = "".join(ch for ch in folded if not unicodedata.combining(ch)).translate(_LIGATURES)
-    return " ".join(_WORD.findall(plain.casefold()))
-
+# --- text normalisation (node.core.directory.normalise) ------------------------------
 
 def match_expression(query: str) -> str:
     """All words must match, each as a word prefix. Tokens are [^\\W_]+, so quoting is safe."""
-    if len(query) > MAX_QUERY_CHARS:
-        raise UsageError(f"search query over {MAX_QUERY_CHARS} characters")
-    words = normalise(query).split()
-    if not words:
-        raise UsageError("empty search query: give a name, specialty, city or RPPS number")
-    if len(words) > MAX_QUERY_WORDS:
-        raise UsageError(f"search query over {MAX_QUERY_WORDS} words")
-    return " ".join(f'"{w}"*' for w in words)
+    return " ".join(f'"{w}"*' for w in codec.query_words(query))
 
 
 def _search_text(d: Descriptor) -> str:
@@ -180,8 +167,13 @@ def _digest(raw: bytes) -> bytes:
     return hashlib.sha256(raw).digest()
 
 
-def _store(conn: sqlite3.Connection, d: Descriptor) -> Stored:
+Admit = Callable[[], None]     # raises NewIdentityLimit when a new identity is over its quota
+
+
+def _store(conn: sqlite3.Connection, d: Descriptor, admit: Admit | None = None) -> Stored:
     row = conn.execute("SELECT id, seq, raw, revoked FROM descriptors WHERE node_id = ?", (d.node_id,)).fetchone()
+    if row is None and admit is not None:
+        admit()                    # a node ID never seen here (tombstones count as seen)
     if row is not None:
         rowid, seq, raw, revoked = row
         if revoked:
@@ -209,11 +201,14 @@ def _store(conn: sqlite3.Connection, d: Descriptor) -> Stored:
     return Stored(d.node_id, d.seq, True)
 
 
-def put(db: sqlite_utils.Database, raw: bytes, now_ms: int) -> Stored:
-    """Verify and store one descriptor; raise the reason it was refused."""
+def put(db: sqlite_utils.Database, raw: bytes, now_ms: int, admit: Admit | None = None) -> Stored:
+    """Verify and store one descriptor; raise the reason it was refused.
+
+    `admit` is called (on this, the writer thread) only for a node ID never seen before.
+    """
     d = verify(raw, now_ms)
     with transaction(db) as conn:
-        return _store(conn, d)
+        return _store(conn, d, admit)
 
 
 @dataclass(slots=True)
@@ -279,13 +274,45 @@ def get(db: sqlite_utils.Database, node_id: str, now_ms: int) -> bytes | None:
     return row[0] if row and row[0] else None         # b"": a purged tombstone
 
 
+def _search_rows(db: sqlite_utils.Database, query: str, now_ms: int, limit: int) -> list[tuple]:
+    return db.execute(
+        "SELECT d.raw, d.node_id, d.name, d.city, d.rpps FROM descriptors_fts f JOIN descriptors d ON d.id = f.rowid"
+        " WHERE descriptors_fts MATCH ? AND d.expires > ? LIMIT ?",
+        (match_expression(query), now_ms, min(limit, SEARCH_LIMIT))).fetchall()
+
+
 def search(db: sqlite_utils.Database, query: str, now_ms: int, limit: int = SEARCH_LIMIT) -> list[bytes]:
     """Descriptors where every word of `query` starts a word of name, specialty, city or RPPS."""
-    rows = db.execute(
-        "SELECT d.raw FROM descriptors_fts f JOIN descriptors d ON d.id = f.rowid"
-        " WHERE descriptors_fts MATCH ? AND d.expires > ? LIMIT ?",
-        (match_expression(query), now_ms, min(limit, SEARCH_LIMIT)))
-    return [r[0] for r in rows]
+    return [r[0] for r in _search_rows(db, query, now_ms, limit)]
+
+
+def search_flagged(db: sqlite_utils.Database, query: str, now_ms: int,
+                   limit: int = SEARCH_LIMIT) -> tuple[list[bytes], list[list[str]]]:
+    """`search`, and for each result the other live identities' claims it collides with
+    (codec.SAME_RPPS, codec.SAME_NAME_CITY), looked for in the whole directory."""
+    rows = _search_rows(db, query, now_ms, limit)
+    return [r[0] for r in rows], [conflicts(db, node_id, name, city, rpps, now_ms)
+                                  for _, node_id, name, city, rpps in rows]
+
+
+CANDIDATES = 200
+
+
+def conflicts(db: sqlite_utils.Database, node_id: str, name: str, city: str, rpps: str, now_ms: int) -> list[str]:
+    flags = []
+    live = "d.node_id != ? AND d.expires > ? AND d.revoked = 0"
+    if rpps and db.execute(f"SELECT 1 FROM descriptors d WHERE d.rpps = ? AND {live} LIMIT 1",
+                           (rpps, node_id, now_ms)).fetchone():
+        flags.append(codec.SAME_RPPS)
+    key = codec.name_city_key(name, city)
+    if key is not None:
+        # The index finds the candidates (every word of the name and city, whole); the rule is the key.
+        words = " ".join(f'"{w}"' for w in " ".join(key).split())
+        rows = db.execute("SELECT d.name, d.city FROM descriptors_fts f JOIN descriptors d ON d.id = f.rowid"
+                          f" WHERE descriptors_fts MATCH ? AND {live} LIMIT ?", (words, node_id, now_ms, CANDIDATES))
+        if any(codec.name_city_key(n, c) == key for n, c in rows):
+            flags.append(codec.SAME_NAME_CITY)
+    return flags
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,7 +327,8 @@ def changes(db: sqlite_utils.Database, since: int, limit: int, now_ms: int) -> P
     limit = max(1, min(limit, SYNC_MAX_ITEMS))
     rows = db.execute("SELECT change, expires, raw FROM descriptors WHERE change > ? ORDER BY change LIMIT ?",
                       (since, limit + 1)).fetchall()
-    items, last, size = [], since, 0
+    items: list[bytes] = []
+    last, size = since, 0
     for change, expires, raw in rows[:limit]:
         if size + len(raw) > SYNC_MAX_BYTES and items:
             return Page(items, last, True)
@@ -321,8 +349,8 @@ class Storage:
     """`await storage.write(fn, ...)` on the one writer thread; `read` on reader threads (WAL)."""
 
     def __init__(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / DBFILE
+        private_folder(folder, self.path)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bootstrap-write")
         self._readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="bootstrap-read")
         self._local = threading.local()
@@ -355,6 +383,19 @@ class Storage:
         self._writer.shutdown(wait=True)
         for db in self._opened:
             db.conn.close()
+
+
+def private_folder(folder: Path, dbfile: Path) -> None:
+    """The folder 0700 and the database 0600 (SQLite gives its -wal and -shm the database's mode)."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)
+        os.close(os.open(dbfile, os.O_RDWR | os.O_CREAT, 0o600))
+        for path in (dbfile, Path(f"{dbfile}-wal"), Path(f"{dbfile}-shm")):
+            if path.exists():
+                os.chmod(path, 0o600)
+    except OSError as exc:
+        raise UsageError(f"cannot use {folder} as the data folder: {exc.strerror or exc}") from None
 
 
 def _guarded(fn: Callable[..., T], db: sqlite_utils.Database, args: tuple) -> T:

@@ -90,6 +90,7 @@ class Proc:
         self.data, self.port = data, port or free_port()
         self.log = data.parent / f"{data.name}.log"
         cmd = [sys.executable, "-m", "bootstrap", "--listen", f"127.0.0.1:{self.port}", "--data", str(data),
+               "--new-per-block", "1000000", "--new-total", "1000000",
                "--read-rate", "1000000", "--read-burst", "1000000", "--announce-rate", "1000000",
                "--announce-burst", "1000000", "--sync-interval", "0.05"]
         for p in peers:

@@ -299,3 +299,36 @@ def test_only_usable_addresses_are_accepted():
                 "http://x:7400?q=1", "http://" + "a" * 300):
         assert not valid_address(bad), bad
     assert valid_address("https://directory.example/cabinet", allow_path=True)
+
+
+# --- control characters in descriptor fields ------------------------------------------
+
+CONTROLS = ["\x1b[2J", "\n", "\r", "\t", "\x00", "\x7f", "\x85", "\x9b31m", "\u202e", "\u202a", "\u2066", "\u2069",
+            "\u2028"]
+
+
+def test_descriptor_with_control_characters_refused_by_the_parser():
+    d = make()
+    for field in ("name", "specialty", "city", "rpps"):
+        for bad in CONTROLS:
+            body = dict(body_of(d), **{field: f"Dr{bad}Mallory"})
+            with pytest.raises(RemoteProtocolError, match=f"field '{field}' contains a control character"):
+                Descriptor.from_wire(resign(body, ident(1)))
+    for bad in ("http://x\x1b[31m:7400", "http://x\u202e:7400", "http://x:7400\x7f"):
+        body = dict(body_of(d), addrs=[bad])
+        with pytest.raises(RemoteProtocolError, match="addr"):
+            Descriptor.from_wire(resign(body, ident(1)))
+    # Accents, apostrophes, ligatures, non-Latin scripts and ordinary spaces are text, not controls.
+    fine = "Dr Zoë N'Guyen-Lefèbvre, Cœur — Αθήνα 東京"
+    body = dict(body_of(d), name=fine, city="Saint-Étienne")
+    assert Descriptor.from_wire(resign(body, ident(1))).name == fine
+
+
+def test_identity_refuses_to_sign_control_characters():
+    for field in ("name", "specialty", "city", "rpps"):
+        for bad in CONTROLS:
+            with pytest.raises(UsageError, match=f"descriptor field '{field}' contains a control character"):
+                make(**{field: f"Dr{bad}x"})
+    with pytest.raises(UsageError, match="'addresses'"):
+        make(addresses=("http://192.0.2.1:7400\x1b",))
+    assert make(name="Dr Zoë Müller").name == "Dr Zoë Müller"

@@ -7,26 +7,29 @@ bootstrap is an error for that bootstrap only; the `*_any` helpers ask each
 of several and keep the best valid answer, so one bootstrap that withholds,
 rolls back or forges changes nothing as long as another answers honestly.
 
-aiohttp's exceptions become PeerUnreachable, PeerTimeout or PeerRefused.
+The shapes of the requests and answers, and the checks, are node/core/directory.py
+(shared with the server in bootstrap/). aiohttp's exceptions become PeerUnreachable,
+PeerTimeout or PeerRefused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterable, TypeVar
 from urllib.parse import quote
 
 import aiohttp
 
-from ..core import wire
+from ..core import directory as codec
+from ..core.directory import MAX_ANSWER, Found, SyncPage, base_url as _base, verified
 from ..core.errors import CabinetError, PeerRefused, PeerUnreachable, RemoteProtocolError, UsageError
 from ..core.identity import MAX_DESCRIPTOR, Descriptor, normalize_node_id
 from .client import map_exceptions
 
-MSGPACK = "application/msgpack"
-MAX_ANSWER = 2 << 20
+__all__ = ["Found", "SyncPage", "announce", "announce_all", "check", "lookup", "lookup_any", "now_ms", "search",
+           "search_any", "search_any_flagged", "search_flagged", "sync_page", "verified"]
+
 TIMEOUT = aiohttp.ClientTimeout(total=20, connect=5)
 T = TypeVar("T")
 
@@ -35,16 +38,10 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _base(url: str) -> str:
-    if not url.startswith(("http://", "https://")):
-        raise UsageError(f"a bootstrap address starts with http:// or https:// (got {url[:60]!r})")
-    return url.rstrip("/")
-
-
 async def _call(session: aiohttp.ClientSession, method: str, url: str, path: str, *, data: bytes | None = None,
                 params: dict | None = None, timeout: aiohttp.ClientTimeout = TIMEOUT) -> tuple[int, bytes]:
     base = _base(url)
-    headers = {"Content-Type": MSGPACK} if data is not None else None
+    headers = {"Content-Type": codec.MSGPACK} if data is not None else None
     with map_exceptions(base):
         async with session.request(method, base + path, data=data, params=params, headers=headers,
                                    timeout=timeout) as resp:
@@ -67,40 +64,12 @@ async def _read_all(resp: aiohttp.ClientResponse, base: str) -> bytes:
 
 
 def _error(url: str, status: int, raw: bytes, doing: str) -> PeerRefused:
-    try:
-        answer = wire.unpack(raw, max_size=MAX_ANSWER, what="answer")
-        reason = answer.get("error") if isinstance(answer, dict) else None
-    except CabinetError:
-        reason = None
-    reason = reason if isinstance(reason, str) else f"HTTP {status}"
-    reason = "".join(ch if ch.isprintable() else "?" for ch in reason[:200])     # from an untrusted server
-    return PeerRefused(f"{_base(url)} refused to {doing}: {reason}", status)
-
-
-def _map(raw: bytes, url: str) -> dict:
-    answer = wire.unpack(raw, max_size=MAX_ANSWER, what=f"answer from {_base(url)}")
-    if not isinstance(answer, dict):
-        raise RemoteProtocolError(f"answer from {_base(url)}: expected a map")
-    return answer
-
-
-def verified(raw: bytes) -> Descriptor:
-    """Descriptor.from_wire, with the odd malformed shape it lets through as TypeError made an error too."""
-    try:
-        return Descriptor.from_wire(raw)
-    except TypeError:
-        raise RemoteProtocolError("descriptor: malformed") from None
+    return PeerRefused(f"{_base(url)} refused to {doing}: {codec.error_reason(raw, status)}", status)
 
 
 def check(d: Descriptor, *, node_id: str | None = None, min_seq: int = 0, now: int | None = None) -> Descriptor:
     """Refuse a verified descriptor that is not the one asked for, expired, or older than known."""
-    if node_id is not None and d.node_id != node_id:
-        raise RemoteProtocolError("the bootstrap answered with another node's descriptor")
-    if d.expired(now_ms() if now is None else now) and not d.revoked:
-        raise RemoteProtocolError(f"descriptor of {d.node_id} has expired")
-    if d.seq < min_seq:
-        raise RemoteProtocolError(f"descriptor of {d.node_id} is older (seq {d.seq}) than the one known ({min_seq})")
-    return d
+    return codec.check(d, node_id=node_id, min_seq=min_seq, now=now_ms() if now is None else now)
 
 
 # --- one bootstrap --------------------------------------------------------------------
@@ -108,10 +77,10 @@ def check(d: Descriptor, *, node_id: str | None = None, min_seq: int = 0, now: i
 async def announce(session: aiohttp.ClientSession, url: str, descriptor_bytes: bytes) -> dict:
     """Publish a signed descriptor. Returns the answer ({"status": "stored" | "unchanged", "seq": n})."""
     check(verified(descriptor_bytes))          # never send what the bootstrap must refuse
-    status, raw = await _call(session, "POST", url, "/v1/announce", data=bytes(descriptor_bytes))
+    status, raw = await _call(session, "POST", url, codec.ANNOUNCE, data=bytes(descriptor_bytes))
     if status != 200:
         raise _error(url, status, raw, "store the descriptor")
-    return _map(raw, url)
+    return codec.decode_map(raw, f"answer from {_base(url)}")
 
 
 async def lookup(session: aiohttp.ClientSession, url: str, node_id: str, *, min_seq: int = 0,
@@ -122,7 +91,7 @@ async def lookup(session: aiohttp.ClientSession, url: str, node_id: str, *, min_
     descriptor that does not verify, is for another node, is expired or older than `min_seq`.
     """
     node_id = normalize_node_id(node_id)
-    status, raw = await _call(session, "GET", url, "/v1/nodes/" + quote(node_id))
+    status, raw = await _call(session, "GET", url, codec.NODES + quote(node_id))
     if status == 404:
         return None
     if status != 200:
@@ -132,48 +101,29 @@ async def lookup(session: aiohttp.ClientSession, url: str, node_id: str, *, min_
     return check(verified(raw), node_id=node_id, min_seq=min_seq, now=now)
 
 
-async def search(session: aiohttp.ClientSession, url: str, query: str, *, now: int | None = None) -> list[Descriptor]:
-    """Descriptors matching every word of `query`; any that fail to verify are dropped."""
-    status, raw = await _call(session, "GET", url, "/v1/search", params={"q": query})
+async def search_flagged(session: aiohttp.ClientSession, url: str, query: str, *,
+                         now: int | None = None) -> list[Found]:
+    """Verified results of `query`, each with its duplicate-identity flags (`Found.conflict`)."""
+    status, raw = await _call(session, "GET", url, codec.SEARCH, params={"q": query})
     if status != 200:
         raise _error(url, status, raw, "search")
-    items = _map(raw, url).get("items")
-    if not isinstance(items, list):
-        raise RemoteProtocolError(f"answer from {_base(url)}: expected a list of descriptors")
-    found: dict[str, Descriptor] = {}
-    for item in items:
-        try:
-            d = check(verified(item), now=now)
-        except CabinetError:
-            continue
-        if d.node_id not in found or found[d.node_id].seq < d.seq:
-            found[d.node_id] = d
-    return list(found.values())
+    return codec.decode_search(raw, f"answer from {_base(url)}", now=now_ms() if now is None else now)
 
 
-@dataclass(frozen=True, slots=True)
-class SyncPage:
-    db: bytes              # the peer's database ID: a new one means start again from 0
-    items: list[bytes]     # signed descriptors, NOT verified here: the receiving store verifies each
-    last: int
-    more: bool
+async def search(session: aiohttp.ClientSession, url: str, query: str, *, now: int | None = None) -> list[Descriptor]:
+    """Descriptors matching every word of `query`; any that fail to verify are dropped."""
+    return [f.descriptor for f in await search_flagged(session, url, query, now=now)]
 
 
-async def sync_page(session: aiohttp.ClientSession, url: str, since: int, *, limit: int = 500,
+async def sync_page(session: aiohttp.ClientSession, url: str, since: int, *, limit: int = codec.SYNC_LIMIT,
                     wait: float = 0) -> SyncPage:
     """One page of a bootstrap's changes after `since` (long-polls up to `wait` seconds if none)."""
     timeout = aiohttp.ClientTimeout(total=wait + 30, connect=5)
-    params = {"since": str(since), "limit": str(limit), "wait": str(int(wait))}
-    status, raw = await _call(session, "GET", url, "/v1/sync", params=params, timeout=timeout)
+    status, raw = await _call(session, "GET", url, codec.SYNC, params=codec.sync_params(since, limit, wait),
+                              timeout=timeout)
     if status != 200:
         raise _error(url, status, raw, "send its changes")
-    answer = _map(raw, url)
-    what = f"sync page from {_base(url)}"
-    items = wire.field(answer, "items", list, what=what)
-    if not all(isinstance(i, bytes) for i in items):
-        raise RemoteProtocolError(f"{what}: items must be signed descriptors")
-    return SyncPage(db=wire.field(answer, "db", bytes, what=what, size=16), items=items,
-                    last=wire.field(answer, "last", int, what=what), more=bool(answer.get("more")))
+    return SyncPage.from_wire(raw, f"sync page from {_base(url)}")
 
 
 # --- several bootstraps ----------------------------------------------------------------
@@ -229,15 +179,18 @@ async def lookup_any(urls: Iterable[str], node_id: str, *, session: aiohttp.Clie
     raise _all_failed(results, "answer the lookup")
 
 
-async def search_any(urls: Iterable[str], query: str, *, session: aiohttp.ClientSession | None = None,
-                     now: int | None = None) -> list[Descriptor]:
-    """Search every bootstrap; merge the verified results (highest seq per node)."""
-    results = await _each(urls, session, lambda s, u: search(s, u, query, now=now))
+async def search_any_flagged(urls: Iterable[str], query: str, *, session: aiohttp.ClientSession | None = None,
+                             now: int | None = None) -> list[Found]:
+    """Search every bootstrap; merge the verified results (highest seq per node, every flag kept,
+    plus the conflicts among the merged results), sorted by name."""
+    results = await _each(urls, session, lambda s, u: search_flagged(s, u, query, now=now))
     lists = [r for r in results if isinstance(r, list)]
     if not lists:
         raise _all_failed(results, "search")
-    found: dict[str, Descriptor] = {}
-    for d in (d for lst in lists for d in lst):
-        if d.node_id not in found or found[d.node_id].seq < d.seq:
-            found[d.node_id] = d
-    return sorted(found.values(), key=lambda d: (d.name.casefold(), d.node_id))
+    return codec.merge(f for lst in lists for f in lst)
+
+
+async def search_any(urls: Iterable[str], query: str, *, session: aiohttp.ClientSession | None = None,
+                     now: int | None = None) -> list[Descriptor]:
+    """Search every bootstrap; merge the verified results (highest seq per node), sorted by name."""
+    return [f.descriptor for f in await search_any_flagged(urls, query, session=session, now=now)]
