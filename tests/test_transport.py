@@ -84,7 +84,7 @@ async def test_unknown_caller_replay_stale_and_forged_requests_are_refused(nodes
     target = f"/v1/records/{'cd' * 16}/status"
     async with aiohttp.ClientSession() as s:
         status, body, _ = await signed(s, stranger, b, "GET", target)
-        assert status == 401 and "unknown caller" in wire.unpack(body)["error"]
+        assert status == 401 and wire.unpack(body)["error"] == auth.NOT_AUTHENTICATED
 
         nonce = os.urandom(16)
         status, body, headers = await signed(s, a.identity, b, "GET", target, nonce=nonce)
@@ -98,7 +98,7 @@ async def test_unknown_caller_replay_stale_and_forged_requests_are_refused(nodes
 
         # Signed for another callee (a request captured from A to C, replayed at B).
         status, body, _ = await signed(s, a.identity, b, "GET", target, callee_id=os.urandom(20))
-        assert status == 401 and "does not verify" in wire.unpack(body)["error"]
+        assert status == 401 and wire.unpack(body)["error"] == auth.NOT_AUTHENTICATED
 
         # A path other than the one signed.
         headers = auth.sign_request(a.identity, method="GET", target=target, callee=parse_node_id(b.node_id),
@@ -345,4 +345,25 @@ async def test_a_stranger_is_refused_before_any_body_is_read(nodes):
         assert asyncio.get_running_loop().time() - started < 10
     assert status == 401
     if raw:
-        assert "unknown caller" in wire.unpack(raw)["error"]
+        assert wire.unpack(raw)["error"] == auth.NOT_AUTHENTICATED
+
+
+async def test_the_signature_is_checked_first_and_the_body_digest_after(nodes, tmp_path):
+    """A contact's valid headers with a swapped body or head: refused (and signed: the caller was proven)."""
+    a, b = nodes
+    rid, head, body = await sealed_record(a, tmp_path, b)
+    target = f"/v1/records/{rid}?offset=0"
+    other_head = head[:-1] + bytes([head[-1] ^ 1])
+    async with aiohttp.ClientSession() as s:
+        nonce = os.urandom(16)
+        payload = len(other_head).to_bytes(4, "big") + other_head + body
+        status, raw, headers = await signed(s, a.identity, b, "PUT", target, body=payload, digest_of=head,
+                                            nonce=nonce)
+        assert status == 401 and "does not match the signed digest" in wire.unpack(raw)["error"]
+        auth.verify_response(b.identity.sign_public, nonce=nonce, status=401, body=raw, headers=headers)
+        status, raw, _ = await signed(s, a.identity, b, "POST", "/v1/acks", body=wire.pack({"upto": 0}),
+                                      digest_of=wire.pack({"upto": 1}))
+        assert status == 401 and "does not match the signed digest" in wire.unpack(raw)["error"]
+    assert not await b.store.call(records.has_record, rid)
+    assert await a.courier.deliver_record(rid) == {}
+    assert await b.store.call(records.has_record, rid)

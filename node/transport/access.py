@@ -10,7 +10,7 @@ so the requester sees exactly why nothing was sent.
     POST /v1/patient-history   {"request": patient-signed history request} -> {"history": signed bytes}
     POST /v1/revocations       {"revocation": patient-signed revocation} -> {"revoked": the withdrawn grant's jti}
 
-`add_routes(app)` is called from server.make_app; the client helpers below
+`add_routes(app)` is given to server.make_app by the facade; the client helpers below
 speak to these endpoints through Client.call.
 """
 

@@ -2,10 +2,12 @@
 
 Every request is signed by the calling node over (method, path with query,
 the callee's node ID, the caller's node ID, time, nonce, body digest). The
-callee refuses unknown callers, bad signatures, times more than five minutes
-off, and nonces it has seen. Every answer is signed by the callee over the
-request's nonce, the status and the body's digest, so a caller knows it
-reached the node it meant and that the answer was made for this request.
+callee refuses unknown callers and bad signatures (alike: no oracle on who its
+contacts are), times more than five minutes off, and nonces it has seen. All
+of this is checked on the headers alone, before any body is read. Every answer
+is signed by the callee over the request's nonce, the status and the body's
+digest, so a caller knows it reached the node it meant and that the answer was
+made for this request.
 
 For a record upload the "body digest" is the SHA-256 of the envelope head
 sent first in the body; the ciphertext after it is bound by the digest inside
@@ -22,11 +24,15 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Mapping
 
+import nacl.signing
+
 from ..core import crypto, wire
 from ..core.errors import AuthenticationFailed, InvalidSignature, UsageError
 from ..core.identity import Identity, node_id_bytes, parse_node_id
 
 MAX_SKEW_MS = 5 * 60 * 1000
+NOT_AUTHENTICATED = "not authenticated: unknown caller or a signature that does not verify"
+_DECOY = nacl.signing.SigningKey.generate().verify_key.encode()     # checked against for unknown callers
 H_CALLER, H_TIME, H_NONCE, H_DIGEST, H_SIG = (
     "Cabinet-Caller", "Cabinet-Time", "Cabinet-Nonce", "Cabinet-Digest", "Cabinet-Signature")
 
@@ -101,17 +107,22 @@ def parse_request(headers: Mapping[str, str]) -> Claims:
 
 def check_request(claims: Claims, *, method: str, target: str, me: Identity, sign_key: bytes | None,
                   guard: ReplayGuard, now_ms: int) -> None:
-    """Refuse unknown callers, bad signatures, stale times and replayed nonces."""
+    """Refuse unknown callers, bad signatures, stale times and replayed nonces.
+
+    An unknown caller and a bad signature take the same path (a signature is checked against
+    a throw-away key when the caller is unknown) and get the same words, so a stranger cannot
+    tell which node IDs are this practice's contacts.
+    """
     if abs(now_ms - claims.ts) > MAX_SKEW_MS:
         raise AuthenticationFailed("request time is more than 5 minutes off; check the clocks")
-    if sign_key is None:
-        raise AuthenticationFailed("unknown caller: this practice has not added you as a contact")
     msg = _request_message(method, target, node_id_bytes(me.sign_public), claims.caller_raw, claims.ts,
                            claims.nonce, claims.body_digest)
     try:
-        crypto.verify(sign_key, "request", msg, claims.sig)
+        crypto.verify(sign_key if sign_key is not None else _DECOY, "request", msg, claims.sig)
+        if sign_key is None:
+            raise InvalidSignature("unknown caller")
     except InvalidSignature:
-        raise AuthenticationFailed("request signature does not verify") from None
+        raise AuthenticationFailed(NOT_AUTHENTICATED) from None
     guard.check(claims.caller_raw, claims.nonce, now_ms)
 
 

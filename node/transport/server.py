@@ -6,6 +6,12 @@ authenticated request. Only the public descriptor is served without
 authentication. The server never touches the store: node.py supplies the
 Handler that does.
 
+Against strangers (door.py holds the mechanisms): the caller's signature is
+checked on the headers before any body is read; refusals before that are
+counted per source, not logged one by one; small bodies are bounded by a
+budget per caller and in total and must arrive within BODY_TIMEOUT; streamed
+bodies may not stall or trickle; connections are capped per source address.
+
     GET  /v1/descriptor                       the signed descriptor (public)
     POST /v1/descriptor                       a contact hands over its new descriptor (key rotated, revoked)
     PUT  /v1/records/{id}?offset=N&seq=S      push one record: [u32 head length][head][ciphertext from N]
@@ -23,21 +29,28 @@ import asyncio
 import logging
 import re
 from dataclasses import dataclass
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Callable, Protocol, Sequence, overload
 
 from aiohttp import web
 
+from .. import logsetup
 from ..core import wire
 from ..core.envelope import MAX_HEAD
 from ..core.errors import (AuthenticationFailed, CabinetError, ConsentRefused, CryptoError, NotFound, RemoteProtocolError,
                       StoreError, TooLarge, UsageError)
 from ..core.identity import Identity
-from . import access, auth
+from . import auth, door
 
 log = logging.getLogger("cabinet.server")
 MAX_SMALL_BODY = 1 << 20
 MAX_BATCH_BODY = 9 << 20
-BODY_TIMEOUT = 60                   # seconds for a small body or an envelope head to arrive
+BODY_TIMEOUT = 30                   # seconds for a small body or an envelope head to arrive, whole
+PIECE_TIMEOUT = 30                  # seconds without a byte of a streamed body
+RATE_WINDOW, RATE_MIN = 30, 4096    # a streamed body brings at least RATE_MIN bytes per window
+KEEPALIVE_TIMEOUT = 15              # an idle connection, or one whose headers never complete, is closed
+PER_CALLER_BYTES = 20 << 20         # small-body bytes held in memory for one contact ...
+TOTAL_BYTES = 64 << 20              # ... and for all together
+SUMMARY_PERIOD = 60.0               # seconds between refusal summaries
 MSGPACK = "application/msgpack"
 _RECORD_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -49,13 +62,14 @@ class Answer:
 
 
 class Handler(Protocol):
-    identity: Identity
+    @property
+    def identity(self) -> Identity: ...
 
     def descriptor_bytes(self) -> bytes: ...
 
     async def sign_key_for(self, node_id: str) -> bytes | None: ...
 
-    async def receive_record(self, caller: str, record_id: str, head_raw: bytes, offset: int,
+    async def receive_record(self, caller: str, record_id: str, head_raw: bytes, offset: int, seq: int | None,
                              body: AsyncIterator[bytes]) -> Answer: ...
 
     async def record_status(self, caller: str, record_id: str) -> Answer: ...
@@ -75,11 +89,15 @@ class Handler(Protocol):
 
 HANDLER = web.AppKey("handler", Handler)
 GUARD = web.AppKey("guard", auth.ReplayGuard)
-_NONCE = web.RequestKey("nonce", bytes) if hasattr(web, "RequestKey") else "cabinet.nonce"
+BUDGET = web.AppKey("budget", door.BodyBudget)
+GATE = web.AppKey("gate", door.ConnectionGate)
+REFUSALS = web.AppKey("refusals", logsetup.RefusalSummary)
+_KEY = getattr(web, "RequestKey", lambda name, _t: f"cabinet.{name}")      # aiohttp < 3.11: plain strings
+_NONCE, _CLAIMS, _HELD = _KEY("nonce", bytes), _KEY("claims", auth.Claims), _KEY("held", int)
 
 STATUS = [
     (AuthenticationFailed, 401), (TooLarge, 413), (NotFound, 404), (RemoteProtocolError, 400),
-    (CryptoError, 422), (StoreError, 507), (UsageError, 400), (ConsentRefused, 403),
+    (CryptoError, 422), (StoreError, 507), (UsageError, 400), (ConsentRefused, 403), (door.Busy, 503),
 ]
 
 
@@ -101,53 +119,76 @@ def _encode(request: web.Request, status: int, body: dict) -> web.Response:
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Errors to statuses. A refusal before the caller is proven is counted, not logged, and
+    its connection closed; one to a proven contact is logged (escaped, like every line)."""
     try:
         return await handler(request)
     except CabinetError as err:
         status = status_for(err)
-        log.warning("refused %s %s from %s: %s (%d)", request.method, request.path,
-                    request.headers.get(auth.H_CALLER, "?"), err, status)
-        return _encode(request, status, {"error": str(err)})
+        resp = _encode(request, status, {"error": str(err)})
+        if request.get(_NONCE) is None:
+            request.app[REFUSALS].note(request.remote, str(err))
+            resp.force_close()
+        else:
+            log.warning("refused %s %s from %s: %s (%d)", request.method, logsetup.clean(request.path, 120),
+                        request[_CLAIMS].caller, err, status)
+        return resp
     except web.HTTPException:
         raise
     except Exception:
-        log.exception("internal error handling %s %s", request.method, request.path)
+        log.exception("internal error handling %s %s", request.method, logsetup.clean(request.path, 120))
         return _encode(request, 500, {"error": "internal error"})
 
 
 PUBLIC = {("GET", "/v1/descriptor")}
-_CLAIMS = web.RequestKey("claims", object) if hasattr(web, "RequestKey") else "cabinet.claims"
-_KEY = web.RequestKey("key", object) if hasattr(web, "RequestKey") else "cabinet.key"
 
 
 @web.middleware
 async def door_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """Before any body is read: the headers must name a known contact and a current time.
+    """Before any body is read, the headers must prove the caller: a contact's valid signature.
 
-    A stranger cannot make the node buffer a body or hold a handler; the
-    signature itself is checked once the body (or its digest) is known.
+    The signature covers the body's digest, which is checked once the body is in hand
+    (`authenticate`). A stranger never makes the node read or hold a body. While a request
+    is handled its connection is busy, so the gate does not evict it.
     """
-    if (request.method, request.path) not in PUBLIC:
-        claims = auth.parse_request(request.headers)
-        if abs(auth.now_ms() - claims.ts) > auth.MAX_SKEW_MS:
-            raise AuthenticationFailed("request time is more than 5 minutes off; check the clocks")
-        key = await request.app[HANDLER].sign_key_for(claims.caller)
-        if key is None:
-            raise AuthenticationFailed("unknown caller: this practice has not added you as a contact")
-        request[_CLAIMS], request[_KEY] = claims, key
-    return await handler(request)
+    gate = request.app.get(GATE)
+    if gate is not None:
+        gate.busy(request.protocol, True)
+    try:
+        if (request.method, request.path) not in PUBLIC:
+            await _prove_caller(request)
+        return await handler(request)
+    finally:
+        if gate is not None:
+            gate.busy(request.protocol, False)
+        held = request.get(_HELD)
+        if held:
+            request.app[BUDGET].release(request[_CLAIMS].caller, held)
+
+
+async def _prove_caller(request: web.Request) -> None:
+    h = request.app[HANDLER]
+    claims = auth.parse_request(request.headers)
+    if abs(auth.now_ms() - claims.ts) > auth.MAX_SKEW_MS:
+        raise AuthenticationFailed("request time is more than 5 minutes off; check the clocks")
+    key = await h.sign_key_for(claims.caller)
+    auth.check_request(claims, method=request.method, target=request.raw_path, me=h.identity,
+                       sign_key=key, guard=request.app[GUARD], now_ms=auth.now_ms())
+    request[_CLAIMS], request[_NONCE] = claims, claims.nonce
 
 
 async def authenticate(request: web.Request, body_digest_of: bytes | None) -> str:
-    """Check the caller's signature; remember the nonce so the answer can be signed."""
-    h = request.app[HANDLER]
-    claims, key = request[_CLAIMS], request[_KEY]
-    auth.check_request(claims, method=request.method, target=request.raw_path, me=h.identity,
-                       sign_key=key, guard=request.app[GUARD], now_ms=auth.now_ms())
-    request[_NONCE] = claims.nonce
+    """The caller proven at the door, once the body (or head) matches the digest it signed."""
+    claims = request[_CLAIMS]
     if body_digest_of is not None and auth.digest(body_digest_of) != claims.body_digest:
         raise AuthenticationFailed("body does not match the signed digest")
     return claims.caller
+
+
+def _reserve(request: web.Request, n: int) -> None:
+    """Count n more bytes held for this request against the caller's and the node's budget."""
+    request.app[BUDGET].reserve(request[_CLAIMS].caller, n)
+    request[_HELD] = request.get(_HELD, 0) + n
 
 
 async def get_descriptor(request: web.Request) -> web.Response:
@@ -161,6 +202,10 @@ def _record_id(request: web.Request) -> str:
     return record_id
 
 
+@overload
+def _int_query(request: web.Request, name: str, default: int) -> int: ...
+@overload
+def _int_query(request: web.Request, name: str, default: None) -> int | None: ...
 def _int_query(request: web.Request, name: str, default: int | None) -> int | None:
     raw = request.query.get(name)
     if raw is None:
@@ -175,13 +220,13 @@ def _int_query(request: web.Request, name: str, default: int | None) -> int | No
 
 
 async def _small_body(request: web.Request, limit: int = MAX_SMALL_BODY) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
+    if not request.body_exists:
+        return b""
+    length = request.content_length
+    if length is not None and length > limit:
         raise TooLarge(f"request body over {limit} bytes")
-    try:
-        async with asyncio.timeout(BODY_TIMEOUT):
-            body = await auth.read_limited(request.content, limit)
-    except TimeoutError:
-        raise RemoteProtocolError("the request body did not arrive in time") from None
+    _reserve(request, length if length is not None else limit + 1)
+    body = await door.read_within(auth.read_limited(request.content, limit), BODY_TIMEOUT, "the request body")
     if len(body) > limit:
         raise TooLarge(f"request body over {limit} bytes")
     return body
@@ -191,19 +236,21 @@ async def put_record(request: web.Request) -> web.Response:
     record_id = _record_id(request)
     offset = _int_query(request, "offset", 0)
     seq = _int_query(request, "seq", None)
-    try:
-        async with asyncio.timeout(BODY_TIMEOUT):
-            n = int.from_bytes(await request.content.readexactly(4), "big")
-            if n > MAX_HEAD:
-                raise TooLarge(f"envelope head over {MAX_HEAD} bytes")
-            head_raw = await request.content.readexactly(n)
-    except EOFError:
-        raise RemoteProtocolError("body ended before the envelope head") from None
-    except TimeoutError:
-        raise RemoteProtocolError("the envelope head did not arrive in time") from None
+    _reserve(request, 4 + MAX_HEAD)
+    head_raw = await door.read_within(_read_head(request), BODY_TIMEOUT, "the envelope head")
     caller = await authenticate(request, head_raw)
     answer = await request.app[HANDLER].receive_record(caller, record_id, head_raw, offset, seq, _body(request))
     return _encode(request, answer.status, answer.body)
+
+
+async def _read_head(request: web.Request) -> bytes:
+    try:
+        n = int.from_bytes(await request.content.readexactly(4), "big")
+        if n > MAX_HEAD:
+            raise TooLarge(f"envelope head over {MAX_HEAD} bytes")
+        return await request.content.readexactly(n)
+    except EOFError:
+        raise RemoteProtocolError("body ended before the envelope head") from None
 
 
 async def post_batch(request: web.Request) -> web.Response:
@@ -280,14 +327,33 @@ async def get_record_status(request: web.Request) -> web.Response:
 
 
 async def _body(request: web.Request) -> AsyncIterator[bytes]:
-    async for piece in request.content.iter_any():
+    """The rest of an upload, in the pieces aiohttp buffers (bounded), never stalled or trickled.
+
+    A peer that sends nothing for PIECE_TIMEOUT, or fewer than RATE_MIN bytes in RATE_WINDOW
+    seconds, is cut off (what arrived stays, for resuming).
+    """
+    loop = asyncio.get_running_loop()
+    window_start, window_bytes = loop.time(), 0
+    while True:
+        piece = await door.read_within(request.content.readany(), PIECE_TIMEOUT, "the next part of the body")
+        if not piece:
+            return
         yield piece
+        window_bytes += len(piece)
+        if loop.time() - window_start >= RATE_WINDOW:
+            if window_bytes < RATE_MIN:
+                raise RemoteProtocolError("the body arrives too slowly")
+            window_start, window_bytes = loop.time(), 0
 
 
-def make_app(handler: Handler) -> web.Application:
+def make_app(handler: Handler, routes: Sequence[Callable[[web.Application], None]] = ()) -> web.Application:
+    """The node's aiohttp app; `routes` add more (transport/access.py's patient routes), so that this
+    module never imports the modules that build on it."""
     app = web.Application(middlewares=[errors_middleware, door_middleware], client_max_size=MAX_BATCH_BODY)
     app[HANDLER] = handler
     app[GUARD] = auth.ReplayGuard()
+    app[BUDGET] = door.BodyBudget(PER_CALLER_BYTES, TOTAL_BYTES)
+    app[REFUSALS] = logsetup.RefusalSummary(log, SUMMARY_PERIOD)
     app.router.add_get("/v1/descriptor", get_descriptor)
     app.router.add_post("/v1/descriptor", post_descriptor)
     app.router.add_put("/v1/records/{id}", put_record)
@@ -297,29 +363,64 @@ def make_app(handler: Handler) -> web.Application:
     app.router.add_get("/v1/outbox", get_outbox)
     app.router.add_post("/v1/acks", post_acks)
     app.router.add_post("/v1/receipts", post_receipts)
-    access.add_routes(app)
+    for add in routes:
+        add(app)
     return app
 
 
 class Server:
-    """Runs the app on host:port; port 0 picks a free port (see .port after start)."""
+    """Runs the app on host:port; port 0 picks a free port (see .port after start).
 
-    def __init__(self, handler: Handler, host: str, port: int) -> None:
-        self._runner = web.AppRunner(make_app(handler), access_log=None, handle_signals=False)
-        self.host, self.port = host, port
+    Connections go through a door.ConnectionGate (per source address and in total, within
+    the open-file limit raised at start); idle ones and incomplete headers time out.
+    """
+
+    def __init__(self, handler: Handler, host: str, port: int, *, per_source: int = door.PER_SOURCE,
+                 routes: Sequence[Callable[[web.Application], None]] = ()) -> None:
+        self._app = make_app(handler, routes)
+        self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
+        self.host, self.port, self._per_source = host, port, per_source
+        self._listener: asyncio.AbstractServer | None = None
+        self._summaries: asyncio.Task | None = None
+
+    @property
+    def gate(self) -> door.ConnectionGate:
+        return self._app[GATE]
+
+    @property
+    def budget(self) -> door.BodyBudget:
+        return self._app[BUDGET]
 
     async def start(self) -> None:
+        refusals = self._app[REFUSALS]
+        self._app[GATE] = gate = door.ConnectionGate(self._per_source, door.raise_file_limit(), refusals.note)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True, backlog=512)
+        loop, manager, http_log = asyncio.get_running_loop(), self._runner.server, door.HttpLog(refusals, log)
+
+        def connection() -> door.GatedHandler:
+            return door.GatedHandler(manager, gate=gate, loop=loop, keepalive_timeout=KEEPALIVE_TIMEOUT,
+                                     lingering_time=1.0, access_log=None, logger=http_log, max_headers=64)
         try:
-            await site.start()
+            self._listener = await loop.create_server(connection, self.host, self.port, reuse_address=True,
+                                                      backlog=512)
         except OSError as exc:
             await self._runner.cleanup()
             raise UsageError(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
-        sockets = self._runner.server and site._server.sockets  # type: ignore[union-attr]
-        if sockets:
-            self.port = sockets[0].getsockname()[1]
+        if self._listener.sockets:
+            self.port = self._listener.sockets[0].getsockname()[1]
+        self._summaries = asyncio.create_task(self._summarise(refusals))
+
+    async def _summarise(self, refusals: logsetup.RefusalSummary) -> None:
+        while True:
+            await asyncio.sleep(refusals.period)
+            refusals.flush()
 
     async def stop(self) -> None:
+        if self._summaries is not None:
+            self._summaries.cancel()
+            self._summaries = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         await self._runner.cleanup()
-
+        self._app[REFUSALS].flush()
