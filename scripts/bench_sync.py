@@ -100,7 +100,12 @@ async def direct_write(sender: Path, recipient: Path, sender_id: str) -> float:
     conn.close()
     async with Node.open(recipient, passphrase=ENV["CABINET_PASSPHRASE"]) as node:
         t = time.perf_counter()
-        rows = await asyncio.to_thread(node.intake._verify_all, sender_id, items)
+        try:                                    # this checkout's intake takes messages; older ones tuples
+            from node.sync.messages import PushItem
+            batch = [PushItem(seq=seq, head=head, body=body) for seq, head, body in items]
+        except ImportError:
+            batch = items
+        rows = await asyncio.to_thread(node.intake._verify_all, sender_id, batch)
         await node.store.call(records.insert_received, rows, sender=sender_id, now=0)
         elapsed = time.perf_counter() - t
         assert await node.store.call(lambda db: db.conn.execute("SELECT COUNT(*) FROM records").fetchone()[0]) \

@@ -29,3 +29,9 @@ def test_a_peer_away_for_days_is_reported_not_dropped():
     row = dict(BASE, attempts=40, created=NOW - STALE_AFTER_MS - 86_400_000, stale=1, last_error="timeout")
     text = delivery_state(row, NOW)
     assert text.startswith("queued") and "NOT DELIVERED FOR 4 DAYS" in text
+
+
+def test_refused_says_why_in_plain_words_and_that_it_is_not_sent_again():
+    row = dict(BASE, state="refused", refused=NOW, last_error="the recipient could not open it (not sealed for it)")
+    text = delivery_state(row, NOW)
+    assert text.startswith("refused by the recipient") and "could not open it" in text and "not sent again" in text

@@ -1,288 +1,285 @@
 """Moving records out and in: the Courier pushes, the Puller pulls.
 
-Part of the wiring layer. Either alone is enough: a node that cannot accept
-connections still receives by pulling, and a node nobody can reach still
-delivers by pushing. Each recipient's stream is independent; within one,
-records go in sequence order, small ones many to a request.
+Either alone is enough: a node that cannot accept connections still receives
+by pulling, and a node nobody can reach still delivers by pushing. Each
+recipient's stream is independent; within one, records go in sequence order,
+small ones many to a request.
 
-Retries back off with jitter (node/sync/outbox.py) and the schedule is kept in
-the outbox table, so it survives restarts. A delivery pending for days is
-reported in `cabinet outbox` and the log, never dropped.
+Both are thin drivers of the pure sessions (node/sync/session.py): they feed
+a session what arrived and carry out the effects it returns. The Courier holds
+one SenderSession per recipient for the node's life, loaded from the store
+once and kept in step with it (other processes, such as `cabinet send`, queue
+and deliver too). Built from the ports and explicit collaborators, never
+from the Node facade; time comes from `ports.clock()`, jitter from `ports.rng`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
-import time
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import AsyncIterator, Callable, Iterable
 
-from ..core.errors import CabinetError, InvalidEnvelope, InvalidSignature, RemoteProtocolError, TransportError
-from .intake import ack_from_wire, ack_wire, check_receipt
+from ..core.errors import InvalidEnvelope, InvalidSignature, RemoteProtocolError, TransportError
 from ..store import blobs as blobstore
 from ..store import records
 from ..sync import outbox
-from ..sync.stream import Batch, Offer, RecipientStream, SenderStream
+from ..sync.messages import (DUPLICATE, MAX_BATCH_ITEMS, REFUSED, STORED, Ack, Batch, PushAnswer, PushItem,
+                             PutAnswer, Receipt, Want, refusal_text)
+from ..sync.session import (Attempt, Commit, Entry, Fetch, Listing, Refused, Retire, ScheduleRetry, SendBatch,
+                            SendRecord, SenderSession)
 from ..transport.client import Peer
-
-if TYPE_CHECKING:
-    from ..node import Node
+from .events import DeliveryChanged
+from .intake import Intake, RecordRefused
+from .loop import Loop
+from .ports import Ports
 
 log = logging.getLogger("cabinet.courier")
-MAX_BATCH_ITEMS = 500
-MAX_BATCH_BYTES = 8 << 20
-HEAD_ALLOWANCE = 4096            # an envelope head with its key slots, rounded up
 PULL_INTERVAL = 30.0
+REFRESH_MARGIN_MS = 60_000
 FAILURES = (TransportError, InvalidSignature, RemoteProtocolError, InvalidEnvelope)
+Locate = Callable[[dict], Peer]
+Effect = Retire | Refused | Attempt | ScheduleRetry
 
 
-def _now() -> int:
-    from ..node import now_ms
-    return now_ms()
+class Courier(Loop):
+    """The sender's side: holds the sender sessions, pushes what is due, applies acks and wants."""
 
-
-class _Loop:
-    """A background task that runs `round()` now, then whenever woken or its delay passes."""
-
-    def __init__(self, name: str, round_fn) -> None:
-        self._name, self._round = name, round_fn
-        self._task: asyncio.Task | None = None
-        self._wake = asyncio.Event()
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=self._name)
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                delay = await self._round()
-            except CabinetError as exc:
-                log.error("%s: %s", self._name, exc)
-                delay = 5.0
-            except Exception:   # a bug: log it, keep the node running, try again later
-                log.exception("%s: unexpected error", self._name)
-                delay = 30.0
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), delay)
-            except asyncio.TimeoutError:
-                pass
-
-
-class Courier(_Loop):
-    """The sender's side: delivers due outbox entries."""
-
-    def __init__(self, node: "Node") -> None:
+    def __init__(self, ports: Ports, locate: Locate) -> None:
         super().__init__("cabinet-courier", self.round)
-        self.node = node
-        self._rng = random.Random()
-        self._active: set[str] = set()        # recipients with a stream in progress
+        self.ports, self.locate = ports, locate
+        self._sessions: dict[str, SenderSession] = {}
+        self._mark: int | None = None          # latest `updated` seen in the deliveries table
+        self._active: set[str] = set()         # recipients with a push in progress
+
+    # --- sessions, kept in step with the store -------------------------------------------
+
+    async def refresh(self) -> None:
+        """Load every stream once; after that, take in what changed (here or in another process)."""
+        store = self.ports.store
+        if self._mark is None:
+            lasts = await store.call(records.last_seqs)
+            rows = await store.call(records.stream_out, None)
+            for recipient, (last, _) in lasts.items():
+                self._sessions.setdefault(recipient, SenderSession(recipient, last=last))
+            self._mark = max((u for _, u in lasts.values()), default=0)
+        else:   # a margin: another process may commit a row stamped a little before our last look
+            rows = await store.call(records.stream_out, self._mark - REFRESH_MARGIN_MS)
+        for r in rows:
+            session = self._sessions.setdefault(r["recipient"], SenderSession(r["recipient"]))
+            session.load(Entry(seq=r["seq"], record_id=r["record_id"], size=r["body_size"], state=r["state"],
+                               attempts=r["attempts"], next_try=r["next_try"], queued_at=r["created"],
+                               stale=bool(r["stale"])))
+            self._mark = max(self._mark, r.get("updated") or 0)
+
+    async def session(self, recipient: str) -> SenderSession:
+        await self.refresh()
+        return self._sessions.setdefault(recipient, SenderSession(recipient))
+
+    async def apply(self, recipient: str, effects: Iterable[Effect]) -> int:
+        """Carry out a session's effects in the store; returns how many deliveries were settled."""
+        store, now, settled = self.ports.store, self.ports.clock(), 0
+        for e in effects:
+            if isinstance(e, Retire):
+                done = await store.call(records.retire, recipient, list(e.seqs), now=now, receipts=e.receipts)
+                settled += len(done)
+                for rid in done:
+                    self._changed(rid, recipient, outbox.DELIVERED)
+                if done:
+                    log.info("%d record(s) delivered to %s", len(done), recipient)
+            elif isinstance(e, Refused):
+                why = refusal_text(e.reason)
+                if await store.call(records.refuse, recipient, e.seq, reason=why, now=now):
+                    settled += 1
+                    self._changed(e.record_id, recipient, outbox.REFUSED, reason=why)
+                    log.warning("record %s refused by %s for good: %s", e.record_id, recipient, e.reason)
+            elif isinstance(e, Attempt):
+                await store.call(records.update_delivery, e.record_id, recipient, now=now, state=e.state)
+            elif isinstance(e, ScheduleRetry):
+                fields = dict(state=e.state, attempts=e.attempts, next_try=e.next_try, last_error=e.why)
+                if e.newly_stale:
+                    fields["stale"] = 1
+                    log.warning("record %s to %s: not delivered for days; still trying", e.record_id, recipient)
+                await store.call(records.update_delivery, e.record_id, recipient, now=now, unless_delivered=True,
+                                 **fields)
+                self._changed(e.record_id, recipient, e.state, reason=e.why)
+        return settled
+
+    def _changed(self, record_id: str, recipient: str, state: str, *, reason: str = "", sent: int = 0) -> None:
+        self.ports.publish(DeliveryChanged(at=self.ports.clock(), record_id=record_id, recipient=recipient,
+                                           state=state, reason=reason, sent_bytes=sent))
+
+    # --- what the recipient tells us (through the delivery endpoints) -------------------
+
+    async def on_ack(self, recipient: str, ack: Ack) -> int:
+        session = await self.session(recipient)
+        return await self.apply(recipient, session.on_ack(ack))
+
+    async def on_want(self, recipient: str, want: Want, limit: int) -> Listing:
+        session = await self.session(recipient)
+        listing, effects = session.on_want(want, limit)
+        await self.apply(recipient, effects)
+        return listing
+
+    # --- pushing ----------------------------------------------------------------------------
 
     async def round(self) -> float:
         await self.run_due()
-        nxt = await self.node.store.call(records.next_due)
-        return 5.0 if nxt is None else min(5.0, max(0.05, (nxt - _now()) / 1000))
+        nxt = min((n for s in self._sessions.values() if (n := s.next_due()) is not None), default=None)
+        return 5.0 if nxt is None else min(5.0, max(0.05, (nxt - self.ports.clock()) / 1000))
 
     async def run_due(self) -> int:
-        due = await self.node.store.call(records.due, _now())
-        by_recipient: dict[str, list[dict]] = {}
-        for d in due:
-            by_recipient.setdefault(d["recipient"], []).append(d)
-        results = await asyncio.gather(*(self._stream(rcpt, rows) for rcpt, rows in by_recipient.items()),
-                                       return_exceptions=True)
+        """Push everything due now, one task per recipient; then send the receipts we owe."""
+        await self.refresh()
+        now = self.ports.clock()
+        due = {r: u for r, s in self._sessions.items() if (u := s.due(now))}
+        results = await asyncio.gather(*(self._stream(r, u) for r, u in due.items()), return_exceptions=True)
         for r in results:                     # one recipient's trouble never stops the others
             if isinstance(r, BaseException) and not isinstance(r, Exception):
                 raise r
             if isinstance(r, Exception):
                 log.error("outbox: %s", r)
-        await self._flush_receipts()
-        return len(due)
+        await flush_receipts(self.ports, self.locate)
+        return sum(len(u.offers) if isinstance(u, SendBatch) else 1 for units in due.values() for u in units)
 
     async def deliver_record(self, record_id: str) -> dict[str, str]:
         """Try every recipient of one record now; returns why, for those still queued."""
-        rows = [d for d in await self.node.store.call(records.deliveries, record_id) if d["state"] != "delivered"]
+        await self.refresh()
+        rows = [d for d in await self.ports.store.call(records.deliveries, record_id)
+                if d["state"] in outbox.PENDING]
         errors: dict[str, str] = {}
 
         async def one(d: dict) -> None:
-            err = await self._stream(d["recipient"], [d])
+            session = self._sessions.get(d["recipient"])
+            units = session.due(self.ports.clock(), only=[d["seq"]]) if session else []
+            err = await self._stream(d["recipient"], units) if units else None
             if err:
                 errors[d["recipient"]] = err
 
         await asyncio.gather(*(one(d) for d in rows))
         return errors
 
-    async def _stream(self, recipient: str, rows: list[dict]) -> str | None:
-        """Deliver rows (in seq order) to one recipient; stop at the first failure."""
+    async def _stream(self, recipient: str, units: list[SendBatch | SendRecord]) -> str | None:
+        """Push units (in seq order) to one recipient; stop at the first failure."""
         if recipient in self._active:
             return None
         self._active.add(recipient)
         try:
-            contact = await self.node.store.call(records.contact_by_id, recipient)
+            session = self._sessions[recipient]
+            contact = await self.ports.store.call(records.contact_by_id, recipient)
             why = ("recipient is no longer a contact" if contact is None else
                    "this colleague's keys were revoked: nothing is sent" if contact["revoked"] else
                    "held: this colleague's identity key changed; check it and run 'cabinet contact confirm'"
                    if contact["held"] else None)
-            if why:
-                await self._failed(recipient, rows, why)
-                return why
-            peer = self.node.peer(contact)
-            for unit in _units(rows):
+            for i, unit in enumerate(units):
                 try:
-                    if len(unit) == 1 and unit[0]["body_size"] > blobstore.INLINE_MAX:
-                        await self._push_large(peer, contact, unit[0])
+                    if why or contact is None:
+                        raise RemoteProtocolError(why or "recipient is no longer a contact")
+                    peer = self.locate(contact)
+                    if isinstance(unit, SendRecord):
+                        await self._push_large(peer, contact, session, unit)
                     else:
-                        await self._push_small(peer, contact, unit)
+                        await self._push_small(peer, contact, session, unit)
                 except FAILURES as exc:
-                    await self._failed(recipient, [d for d in rows if d["seq"] >= unit[0]["seq"]], str(exc))
+                    seqs = [o.seq for u in units[i:] for o in (u.offers if isinstance(u, SendBatch) else [u.offer])]
+                    effects = session.on_failure(seqs, str(exc), now=self.ports.clock(), jitter=self.ports.rng.random())
+                    await self.apply(recipient, effects)
+                    log.info("%d record(s) to %s still queued: %s", len(effects), recipient, exc)
                     return str(exc)
             return None
         finally:
             self._active.discard(recipient)
 
-    async def _push_small(self, peer: Peer, contact: dict, unit: list[dict]) -> None:
-        store = self.node.store
-        rows = await store.call(records.outgoing, peer.node_id, [d["seq"] for d in unit])
-        answer = await self.node.client.push_batch(peer, [(r["seq"], r["head"], r["body"]) for r in rows])
-        receipts = answer.get("receipts") if isinstance(answer.get("receipts"), dict) else {}
+    async def _push_small(self, peer: Peer, contact: dict, session: SenderSession, unit: SendBatch) -> None:
+        rows = await self.ports.store.call(records.outgoing, peer.node_id, [o.seq for o in unit.offers])
+        items = [PushItem(seq=r["seq"], head=r["head"], body=r["body"]) for r in rows]
+        answer = PushAnswer.from_wire(await self.ports.client.push_batch(
+            peer, [(i.seq, i.head, i.body) for i in items]))
         by_id = {r["id"]: r["seq"] for r in rows}
-        checked = {}
-        for rid, raw in receipts.items():
-            if rid in by_id and isinstance(raw, bytes):
-                check_receipt(raw, contact["sign_key"], rid)
-                checked[by_id[rid]] = raw
-        await self._retire(peer.node_id, answer.get("ack"), checked)
-        refused = [rid for rid, r in (answer.get("results") or {}).items() if r == "refused"]
-        if refused:
-            raise RemoteProtocolError(f"{len(refused)} record(s) refused by the recipient")
+        receipts = {rid: raw for rid, raw in answer.receipts.items() if rid in by_id}
+        await asyncio.to_thread(_check_receipts, receipts, contact["sign_key"])   # 500 signatures: off the loop
+        delivered: dict[int, bytes | None] = {by_id[rid]: raw for rid, raw in receipts.items()
+                                              if answer.results.get(rid) in (STORED, DUPLICATE)}
+        refused = {by_id[rid]: answer.reasons[rid] for rid, r in answer.results.items()
+                   if r == REFUSED and rid in by_id and rid in answer.reasons}
+        await self.apply(peer.node_id, session.on_answer(delivered=delivered, refused=refused, ack=answer.ack))
+        unexplained = [rid for rid, r in answer.results.items() if r == REFUSED and rid not in answer.reasons]
+        if unexplained:                   # a recipient that does not say why: try again later
+            raise RemoteProtocolError(f"{len(unexplained)} record(s) refused by the recipient")
 
-    async def _push_large(self, peer: Peer, contact: dict, d: dict) -> None:
-        store, rid = self.node.store, d["record_id"]
-        row = await store.call(records.get_record, rid)
-        await store.call(records.update_delivery, rid, peer.node_id, now=_now(),
-                         state=outbox.transition(d["state"], outbox.ATTEMPT_STARTED))
-        progress = _Progress(self.node, rid, peer.node_id)
-        answer = await self.node.client.push_record(peer, rid, row["head"], row["body_size"],
-                                                    lambda off: self._read(rid, off), progress, seq=d["seq"])
-        receipt = answer.get("receipt")
-        if isinstance(receipt, bytes):
-            check_receipt(receipt, contact["sign_key"], rid)
-        await self._retire(peer.node_id, answer.get("ack"), {d["seq"]: receipt} if isinstance(receipt, bytes) else {},
-                           also=[d["seq"]])
-
-    async def _retire(self, recipient: str, ack_raw, receipts: dict[int, bytes], also: list[int] = ()) -> None:
-        store = self.node.store
-        pending = await store.call(records.pending_for, recipient)
-        seqs = set(also) | set(receipts)
-        if ack_raw is not None:
-            seqs |= set(SenderStream(pending, await store.call(records.last_seq, recipient))
-                        .on_ack(ack_from_wire(ack_raw)).seqs)
-        done = await store.call(records.retire, recipient, sorted(seqs), now=_now(), receipts=receipts)
-        if done:
-            log.info("%d record(s) delivered to %s", len(done), recipient)
-
-    async def _failed(self, recipient: str, rows: list[dict], why: str) -> None:
-        still = await self.node.store.call(records.pending_for, recipient)
-        rows = [d for d in rows if d["seq"] in still]     # some may have been delivered meanwhile
-        for d in rows:
-            state = outbox.SENDING if d["body_size"] > blobstore.INLINE_MAX else outbox.QUEUED
-            f = outbox.after_failure(state=state, attempts=d["attempts"], queued_at=d["created"],
-                                     now=_now(), jitter=self._rng.random())
-            fields = dict(state=f.state, attempts=f.attempts, next_try=f.next_try, last_error=why[:300])
-            if f.stale and not d.get("stale"):
-                fields["stale"] = 1
-                log.warning("record %s to %s: not delivered for %d days; still trying", d["record_id"], recipient,
-                            (_now() - d["created"]) // 86_400_000)
-            await self.node.store.call(records.update_delivery, d["record_id"], recipient, now=_now(),
-                                       unless_delivered=True, **fields)
-        log.info("%d record(s) to %s still queued: %s", len(rows), recipient, why)
-
-    async def _flush_receipts(self) -> None:
-        due = await self.node.store.call(records.receipts_due)
-        by_node: dict[str, list[dict]] = {}
-        for r in due:
-            by_node.setdefault(r["to_node"], []).append(r)
-        for node_id, rows in by_node.items():
-            await send_receipts(self.node, node_id, rows)
+    async def _push_large(self, peer: Peer, contact: dict, session: SenderSession, unit: SendRecord) -> None:
+        seq, rid = unit.offer.seq, unit.offer.record_id
+        row = await self.ports.store.call(records.get_record, rid)
+        await self.apply(peer.node_id, session.on_attempt(seq))
+        progress = _Progress(self, rid, peer.node_id)
+        answer = PutAnswer.from_wire(await self.ports.client.push_record(
+            peer, rid, row["head"], row["body_size"], lambda off: self._read(rid, off), progress, seq=seq))
+        if answer.status == REFUSED:
+            effects = session.on_answer(delivered={}, refused={seq: answer.reason}, ack=answer.ack)
+        else:
+            if answer.receipt is not None:
+                Receipt.verify(answer.receipt, contact["sign_key"], rid)
+            effects = session.on_answer(delivered={seq: answer.receipt}, refused={}, ack=answer.ack)
+        await self.apply(peer.node_id, effects)
 
     async def _read(self, record_id: str, offset: int) -> AsyncIterator[bytes]:
-        it = blobstore.iter_source(self.node.blobs.path(record_id), offset)
+        it = blobstore.iter_source(self.ports.blobs.path(record_id), offset)
         while (piece := await asyncio.to_thread(next, it, None)) is not None:
             yield piece
 
 
-async def send_receipts(node: "Node", node_id: str, rows: list[dict] | None = None) -> None:
-    rows = rows if rows is not None else await node.store.call(records.receipts_due, node_id)
-    contact = await node.store.call(records.contact_by_id, node_id)
+def _check_receipts(receipts: dict[str, bytes], sign_key: bytes) -> None:
+    for rid, raw in receipts.items():
+        Receipt.verify(raw, sign_key, rid)
+
+
+async def send_receipts(ports: Ports, locate: Locate, node_id: str, rows: list[dict] | None = None) -> None:
+    """Send the "opened" receipts owed to one contact; kept for later if it cannot be reached."""
+    rows = rows if rows is not None else await ports.store.call(records.receipts_due, node_id)
+    contact = await ports.store.call(records.contact_by_id, node_id)
     if not rows or contact is None:
         return
     try:
-        await node.client.send_receipts(node.peer(contact), [r["receipt"] for r in rows])
+        await ports.client.send_receipts(locate(contact), [r["receipt"] for r in rows])
     except FAILURES as exc:
         log.info("receipts to %s not sent yet: %s", node_id, exc)
         return
-    await node.store.call(records.receipts_sent, [(r["record_id"], r["to_node"], r["status"]) for r in rows], _now())
+    await ports.store.call(records.receipts_sent, [(r["record_id"], r["to_node"], r["status"]) for r in rows],
+                           ports.clock())
+
+
+async def flush_receipts(ports: Ports, locate: Locate) -> None:
+    by_node: dict[str, list[dict]] = {}
+    for r in await ports.store.call(records.receipts_due):
+        by_node.setdefault(r["to_node"], []).append(r)
+    for node_id, rows in by_node.items():
+        await send_receipts(ports, locate, node_id, rows)
 
 
 class _Progress:
-    """Records bytes sent for `cabinet outbox`, at most once a second."""
+    """Records bytes sent for `cabinet outbox` (and the event stream), at most once a second."""
 
-    def __init__(self, node: "Node", record_id: str, recipient: str) -> None:
-        self.node, self.record_id, self.recipient = node, record_id, recipient
-        self._last = 0.0
+    def __init__(self, courier: Courier, record_id: str, recipient: str) -> None:
+        self.courier, self.record_id, self.recipient = courier, record_id, recipient
+        self._last = 0
 
     def __call__(self, sent: int) -> None:
-        now = time.monotonic()
-        if now - self._last >= 1.0:
+        ports = self.courier.ports
+        now = ports.clock()
+        if now - self._last >= 1000:
             self._last = now
-            asyncio.ensure_future(self.node.store.call(records.update_delivery, self.record_id, self.recipient,
-                                                       now=_now(), sent_bytes=sent))
+            self.courier._changed(self.record_id, self.recipient, outbox.SENDING, sent=sent)
+            asyncio.ensure_future(ports.store.call(records.update_delivery, self.record_id, self.recipient,
+                                                   now=now, sent_bytes=sent))
 
 
-def _units(rows: list[dict]) -> list[list[dict]]:
-    """Group a stream's rows: runs of small records into batches, each large one alone."""
-    units: list[list[dict]] = []
-    run: list[dict] = []
-    size = 0
-    for d in rows:
-        if d["body_size"] > blobstore.INLINE_MAX:
-            if run:
-                units.append(run)
-                run, size = [], 0
-            units.append([d])
-            continue
-        weight = d["body_size"] + HEAD_ALLOWANCE
-        if run and (len(run) >= MAX_BATCH_ITEMS or size + weight > MAX_BATCH_BYTES):
-            units.append(run)
-            run, size = [], 0
-        run.append(d)
-        size += weight
-    if run:
-        units.append(run)
-    return units
-
-
-class Puller(_Loop):
+class Puller(Loop):
     """The recipient's side: asks each contact "anything for me since N?"."""
 
-    def __init__(self, node: "Node", interval: float = PULL_INTERVAL) -> None:
+    def __init__(self, ports: Ports, intake: Intake, locate: Locate, interval: float = PULL_INTERVAL) -> None:
         super().__init__("cabinet-puller", self.round)
-        self.node = node
+        self.ports, self.intake, self.locate = ports, intake, locate
         self.interval = interval
-        self._rng = random.Random()
-        self._backoff: dict[str, tuple[int, float]] = {}      # node ID -> (failures, not before)
+        self._backoff: dict[str, tuple[int, int]] = {}      # node ID -> (failures, not before, Unix ms)
         self._soon: set[str] = set()
         self._active: set[str] = set()
 
@@ -291,8 +288,8 @@ class Puller(_Loop):
         self.wake()
 
     async def round(self) -> float:
-        contacts = await self.node.store.call(records.list_contacts)
-        now = time.monotonic()
+        contacts = await self.ports.store.call(records.list_contacts)
+        now = self.ports.clock()
         todo = [c for c in contacts if c["node_id"] in self._soon or self._backoff.get(c["node_id"], (0, 0))[1] <= now]
         self._soon.clear()
         for r in await asyncio.gather(*(self._pull_guarded(c) for c in todo), return_exceptions=True):
@@ -307,9 +304,9 @@ class Puller(_Loop):
             self._backoff.pop(node_id, None)
         except FAILURES as exc:
             failures = self._backoff.get(node_id, (0, 0))[0] + 1
-            delay = outbox.retry_delay(failures, self._rng.random()) / 1000
-            self._backoff[node_id] = (failures, time.monotonic() + max(delay, self.interval))
-            log.info("pull from %s failed (%s); next try in %.0f s", node_id, exc, max(delay, self.interval))
+            delay = max(outbox.retry_delay(failures, self.ports.rng.random()), int(self.interval * 1000))
+            self._backoff[node_id] = (failures, self.ports.clock() + delay)
+            log.info("pull from %s failed (%s); next try in %.0f s", node_id, exc, delay / 1000)
 
     async def pull_from(self, contact: dict) -> int:
         """Fetch everything `contact` has queued for us; returns how many records were new.
@@ -322,23 +319,25 @@ class Puller(_Loop):
             return 0
         self._active.add(node_id)
         fetch: asyncio.Future | None = None
+        client = self.ports.client
         try:
-            await send_receipts(self.node, node_id)
-            peer, total = self.node.peer(contact), 0
-            start = await self.node.store.call(records.stream_in, node_id)
-            after = start.upto
-            fetch = asyncio.ensure_future(self.node.client.fetch_outbox(peer, start.upto, MAX_BATCH_ITEMS, after))
+            await send_receipts(self.ports, self.locate, node_id)
+            peer, total = self.locate(contact), 0
+            session = await self.intake.session(node_id)
+            if session.refused:     # tell our refusals before `since` moves past them
+                await client.send_ack(peer, session.ack().to_wire())
+            start = after = session.cursor
+            fetch = asyncio.ensure_future(client.fetch_outbox(peer, start, MAX_BATCH_ITEMS, after))
             while fetch is not None:
-                answer, asked_after = await fetch, after
+                batch, asked_after = Batch.from_wire(await fetch), after
                 fetch = None
-                items = _batch_items(answer)
-                if len(items) >= MAX_BATCH_ITEMS:
-                    after = items[-1]["seq"]
-                    fetch = asyncio.ensure_future(
-                        self.node.client.fetch_outbox(peer, start.upto, MAX_BATCH_ITEMS, after))
-                total += await self._take(peer, answer, items, asked_after)
-            final = await self.node.store.call(records.stream_in, node_id)
-            await self.node.client.send_ack(peer, ack_wire(final))
+                if batch.full:
+                    after = batch.items[-1].seq
+                    fetch = asyncio.ensure_future(client.fetch_outbox(peer, start, MAX_BATCH_ITEMS, after))
+                total += await self._take(peer, batch, asked_after)
+            final = await self.ports.store.call(records.stream_in, node_id)
+            session.on_committed(final)
+            await client.send_ack(peer, final.to_wire())
             if total:
                 log.info("pulled %d record(s) from %s", total, node_id)
             return total
@@ -347,47 +346,27 @@ class Puller(_Loop):
                 fetch.cancel()
             self._active.discard(node_id)
 
-    async def _take(self, peer: Peer, answer: dict, items: list[dict], asked_after: int) -> int:
+    async def _take(self, peer: Peer, batch: Batch, asked_after: int) -> int:
         """Commit what one outbox answer lists and we do not have yet."""
-        node, sender = self.node, peer.node_id
-        ack = await node.store.call(records.stream_in, sender)
-        prev, last = answer.get("prev"), answer.get("last")
-        if not isinstance(prev, int) or not isinstance(last, int):
-            raise RemoteProtocolError("outbox answer: prev and last must be integers")
-        batch = Batch(prev=prev, last=last, items=tuple(Offer(seq=i["seq"], record_id=i["id"]) for i in items))
-        wanted = {f.offer.seq for f in RecipientStream(ack.upto, set(ack.have)).on_batch(batch, after=asked_after)}
-        small = [(i["seq"], i["head"], i["body"]) for i in items if i["seq"] in wanted and i["body"] is not None]
-        new = 0
-        if small:
-            results, _ = await node.intake.small(sender, small)
-            new += sum(r == "stored" for r in results.values())
-        for i in items:
-            if i["seq"] in wanted and i["body"] is None:
+        session, new = await self.intake.session(peer.node_id), 0
+        for effect in session.on_batch(batch, after=asked_after):
+            if isinstance(effect, Commit):
+                out = await self.intake.small(peer.node_id, [PushItem(seq=i.seq, head=i.head, body=i.body or b"")
+                                                              for i in effect.items])
+                new += sum(r == STORED for r in out.results.values())
+            elif isinstance(effect, Fetch):
                 try:
-                    new += await self._download(peer, i)
+                    new += await self._download(peer, effect)
                 except (InvalidEnvelope, RemoteProtocolError) as exc:
                     # Refused (and logged) by the intake: go on with the others.
-                    log.warning("record %s from %s not taken: %s", i["id"], sender, exc)
+                    log.warning("record %s from %s not taken: %s", effect.item.record_id, peer.node_id,
+                                exc.code if isinstance(exc, RecordRefused) else exc)
         return new
 
-    async def _download(self, peer: Peer, item: dict) -> int:
-        intake = self.node.intake
-        head, key = await intake.check_head(item["head"], record_id=item["id"], sender=peer.node_id)
-        offset = intake.have(item["id"])
+    async def _download(self, peer: Peer, fetch: Fetch) -> int:
+        item, intake = fetch.item, self.intake
+        head, key = await intake.check_head(item.head, record_id=item.record_id, sender=peer.node_id, seq=item.seq)
+        offset = intake.have(item.record_id)
         out = await intake.stream(peer.node_id, head, key, offset,
-                                  self.node.client.download_body(peer, item["id"], offset), item["seq"])
-        return 1 if out.status == "stored" else 0
-
-
-def _batch_items(answer: dict) -> list[dict]:
-    items = answer.get("items")
-    if not isinstance(items, list):
-        raise RemoteProtocolError("outbox answer: expected a list of items")
-    ok = []
-    for i in items:
-        if not (isinstance(i, dict) and isinstance(i.get("seq"), int) and isinstance(i.get("id"), str)
-                and isinstance(i.get("head"), bytes) and isinstance(i.get("size"), int)
-                and (i.get("body") is None or isinstance(i.get("body"), bytes))):
-            raise RemoteProtocolError("outbox answer: malformed item")
-        ok.append(i)
-    return ok
+                                  self.ports.client.download_body(peer, item.record_id, offset), item.seq)
+        return 1 if out.status == STORED else 0

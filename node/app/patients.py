@@ -1,8 +1,8 @@
 """Patients in control, at the practice: enrolment, grants checked, records sent, revocations, history.
 
-Part of the wiring layer, beside node.py: `PatientService(node)` is the
-practice's side of docs/patients.md. The token rules live in consent.py (pure),
-the tables and the audit queries in store/patients.py, the endpoints in
+A service built from ports (node/app/ports.py): `PatientService` is the
+practice's side of docs/patients.md. The token rules live in core/consent.py
+(pure), the tables and the audit queries in store/patients.py, the routes in
 transport/access.py; `PatientEndpoints` is the slice of the node's transport
 Handler that answers them.
 
@@ -15,8 +15,8 @@ whoever wrote it and names its recipients, so it cannot be re-addressed; a new
 envelope from the holding practice is the honest statement of who sent what to
 whom. No plaintext touches the disk; memory stays constant.
 
-`now` (Unix ms) is the consent clock: token checks and the audit times of
-patient events use it; envelope and delivery times use the node's real clock.
+`now` (Unix ms), when given, overrides the node's clock for one call (tests of
+expiry); otherwise the node's one clock, `ports.clock`, is used.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ import logging
 import os
 import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, NoReturn, Protocol
 
 from ..core import consent, wire
-from ..core.card import Card, read_history_request
+from ..core.card import Card, check_history, history_request, read_history_request
 from ..core.envelope import BodyParser, Decryptor, Head, Header, Manifest, Recipient, Sealer
 from ..core.errors import ConsentRefused, InvalidEnvelope, UsageError
 from ..core.identity import Descriptor, normalize_node_id, parse_node_id
@@ -40,19 +40,24 @@ from ..store import blobs as blobstore
 from ..store import patients as sp
 from ..store import records
 from ..transport import access
+from ..transport.client import Peer
 from ..transport.server import Answer
-
-if TYPE_CHECKING:
-    from ..node import Node
+from .contacts import Contacts
+from .events import AuditAppended, RecordStored, Refusal
+from .ports import Ports
+from .rows import place_sealed, record_row
 
 log = logging.getLogger("cabinet.patients")
 MAX_REASON = 500
 MIN_REASON = 10
 
 
-def _real_now() -> int:
-    from ..node import now_ms
-    return now_ms()
+class Waker(Protocol):
+    def wake(self) -> None: ...
+
+
+class Fetcher(Protocol):
+    async def pull_from(self, contact: dict) -> int: ...
 
 
 def _peek_kid(token: str) -> str | None:
@@ -113,19 +118,33 @@ def reseal(source: blobstore.Source, header: Header, key: bytes, sealer: Sealer,
 
 
 class PatientService:
-    def __init__(self, node: "Node") -> None:
-        self.node = node
-        self.store = node.store
+    def __init__(self, ports: Ports, contacts: Contacts, *, locate: Callable[[dict], Peer], courier: Waker,
+                 puller: Fetcher, serving: Callable[[], bool]) -> None:
+        self.ports, self.contacts, self.locate = ports, contacts, locate
+        self.courier, self.puller, self._serving = courier, puller, serving
+        self.store = ports.store
         self.skew_seconds = consent.DEFAULT_SKEW
-        self.clock: Callable[[], int] = _real_now     # the consent clock; tests replace it
         self._schema = False
+
+    @property
+    def clock(self) -> Callable[[], int]:
+        """The node's one clock (tests move it to check expiry)."""
+        return self.ports.clock
+
+    @clock.setter
+    def clock(self, fn: Callable[[], int]) -> None:
+        self.ports.clock = fn
+
+    @property
+    def node_id(self) -> str:
+        return self.ports.identity.node_id
 
     async def _now(self, now: int | None) -> int:
         """`now`, or the consent clock's; and the tables exist (whether or not db.SCHEMA has them yet)."""
         if not self._schema:
             await self.store.call(sp.ensure_schema)
             self._schema = True
-        return self.clock() if now is None else now
+        return self.ports.now() if now is None else now
 
     # --- enrolment and records ---------------------------------------------------
 
@@ -137,7 +156,7 @@ class PatientService:
             public_key = consent.parse_k4_public(public_key.strip())
         if seed is None and public_key is None:
             seed, _ = consent.new_patient_key()
-        card = Card.create(self.node.node_id, ref, seed=seed, public_key=public_key)
+        card = Card.create(self.node_id, ref, seed=seed, public_key=public_key)
         await self.store.call(sp.enroll, ref, card.public_key, card.key_id, await self._now(now), replace=replace)
         return card
 
@@ -155,7 +174,8 @@ class PatientService:
         kid = _peek_kid(token)
         row = await self.store.call(sp.patient_by_key, kid) if kid else None
         try:
-            rev = consent.read_revocation(token, {kid: row["public_key"]} if row else {}, now, self.skew_seconds)
+            rev = consent.read_revocation(token, {kid: row["public_key"]} if kid and row else {}, now,
+                                          self.skew_seconds)
         except ConsentRefused as exc:
             await self.store.call(sp.log, at=now, event="revocation-refused", peer=caller,
                                   patient=row["patient_ref"] if row else None, why=str(exc)[:300])
@@ -187,20 +207,23 @@ class PatientService:
         return await self._send(requester, ref, chosen, now, grant=grant.jti)
 
     async def _refuse(self, requester: str, now: int, why: str, *, patient: str | None = None,
-                      grant: str | None = None, event: str = "access-refused") -> None:
+                      grant: str | None = None, event: str = "access-refused") -> NoReturn:
         await self.store.call(sp.log, at=now, event=event, peer=requester, patient=patient, grant=grant,
                               why=why[:300])
+        self.ports.publish(Refusal(at=self.ports.now(), peer=requester, reason="consent"))
+        self.ports.publish(AuditAppended(at=self.ports.now(), event=event))
         log.warning("access request from %s refused: %s", requester, why)
         raise ConsentRefused(why)
 
     async def _check(self, requester: str, token: str, now: int) -> tuple[consent.Grant, dict]:
         kid = _peek_kid(token)
         row = await self.store.call(sp.patient_by_key, kid) if kid else None
-        keys = {kid: row["public_key"]} if row else {}
+        keys = {kid: row["public_key"]} if kid and row else {}
         revoked = await self.store.call(sp.revoked, kid) if row else set()
         try:
             grant = consent.check_grant(token, patient_public_keys=keys, expected_audience=requester, now=now,
                                         revoked=revoked, skew_seconds=self.skew_seconds)
+            assert row is not None      # no key on file: check_grant has refused already
             if grant.subject != row["patient_ref"]:
                 raise ConsentRefused("another patient's records: the grant names a patient other than the "
                                      "one whose key signed it")
@@ -254,31 +277,32 @@ class PatientService:
                     emergency: bool = False) -> list[str]:
         copies = [await self._copy(requester, ref, rid, now, grant, emergency) for rid in originals]
         if copies:
-            self.node.courier.wake()
+            self.courier.wake()
         return copies
 
     async def _copy(self, requester: str, ref: str, original: str, now: int, grant: str | None,
                     emergency: bool) -> str:
-        from ..node import now_ms
-        node = self.node
+        p = self.ports
         row = await self.store.call(records.get_record, original)
         head = Head.from_wire(row["head"])
-        key = head.content_key(node.identity)
+        key = head.content_key(p.identity)
         contact = await self.store.call(records.contact_by_id, requester)
+        assert contact is not None      # handle_request refused a requester that is not a contact
         recipient = Recipient(parse_node_id(requester), Descriptor.from_wire(contact["descriptor"]).enc_key)
-        sealer = Sealer(sender=node.identity, recipients=[recipient], kind="referral", created=now_ms())
+        sealer = Sealer(sender=p.identity, recipients=[recipient], kind="referral", created=p.now())
         copy_id = sealer.record_id.hex()
-        tmp = node.blobs.incoming / f"{copy_id}.sealing"
-        source = row["body"] if row["body"] is not None else node.blobs.path(original)
+        tmp = p.blobs.incoming / f"{copy_id}.sealing"
+        source = row["body"] if row["body"] is not None else p.blobs.path(original)
         manifest, size, digest = await asyncio.to_thread(reseal, source, head.header, key, sealer, tmp)
         new_head = sealer.head(body_size=size, body_sha256=digest)
         # Logged before it is queued: an audit may over-report a send after a crash, never hide one.
         await self.store.call(sp.link_copy, copy=copy_id, original=original, ref=ref, requester=requester, now=now,
                               grant=grant, emergency=emergency)
-        body = await asyncio.to_thread(node._place_sealed, tmp, copy_id, size)
-        new_row = dict(node._record_row(Head.from_wire(new_head).header, new_head, manifest, "out"), body=body)
-        await self.store.call(records.insert_record, new_row, recipients=[requester], now=now_ms(),
+        body = await asyncio.to_thread(place_sealed, p, tmp, copy_id, size)
+        new_row = dict(record_row(p, Head.from_wire(new_head).header, new_head, manifest, "out"), body=body)
+        await self.store.call(records.insert_record, new_row, recipients=[requester], now=p.now(),
                               event="copy-sent", peer=requester)
+        p.publish(RecordStored(at=p.now(), record_id=copy_id, kind="referral", recipients=(requester,)))
         return copy_id
 
     # --- history, heads, policy ----------------------------------------------------------
@@ -288,7 +312,7 @@ class PatientService:
         now = await self._now(now)
         await self.store.call(sp.patient, patient_ref)
         await self.store.call(sp.log, at=now, event="history-given", peer=caller, patient=patient_ref)
-        return await self.store.call(sp.signed_history, self.node.identity, patient_ref, now)
+        return await self.store.call(sp.signed_history, self.ports.identity, patient_ref, now)
 
     async def history_for(self, request_token: str, *, caller: str, now: int | None = None) -> bytes:
         """Answer a patient-signed history request carried by node `caller`."""
@@ -299,7 +323,7 @@ class PatientService:
             if row is None:
                 raise ConsentRefused("unknown patient key: it is not enrolled at this practice")
             read_history_request(request_token, public_key=row["public_key"], patient_ref=row["patient_ref"],
-                                 practice=self.node.node_id, caller=caller, now=now)
+                                 practice=self.node_id, caller=caller, now=now)
         except ConsentRefused as exc:
             await self.store.call(sp.log, at=now, event="history-refused", peer=caller,
                                   patient=row["patient_ref"] if row else None, why=str(exc)[:300])
@@ -307,14 +331,23 @@ class PatientService:
         return await self.history(row["patient_ref"], caller=caller, now=now)
 
     async def signed_head(self, now: int | None = None) -> bytes:
-        return await self.store.call(sp.signed_head, self.node.identity, await self._now(now))
+        return await self.store.call(sp.signed_head, self.ports.identity, await self._now(now))
 
     async def verify_against_head(self, signed: bytes) -> tuple[bool, str]:
         await self._now(None)
-        return await self.store.call(sp.verify_against_head, signed, practice=self.node.node_id)
+        return await self.store.call(sp.verify_against_head, signed, practice=self.node_id)
+
+    async def break_glass_policy(self) -> list[dict]:
+        await self._now(None)
+        return await self.store.call(sp.break_glass_policy)
+
+    async def flagged(self) -> list[dict]:
+        """Emergency accesses and refusals, for the practice to review."""
+        await self._now(None)
+        return await self.store.call(sp.flagged)
 
     async def allow_break_glass(self, who: str, allowed: bool = True, *, now: int | None = None) -> None:
-        who = sp.ANY if who in ("*", "any") else (await self.node.contact(who))["node_id"]
+        who = sp.ANY if who in ("*", "any") else (await self.contacts.get(who))["node_id"]
         await self.store.call(sp.set_break_glass, who, allowed, await self._now(now))
 
     # --- the requesting side ---------------------------------------------------------------
@@ -322,22 +355,22 @@ class PatientService:
     async def request(self, practice: str, *, token: str | None = None, emergency: str | None = None,
                       patient: str | None = None, want: str | None = None, pull: bool = True) -> list[str]:
         """Ask `practice` (a contact) for records; with pull=True, fetch what it queued for us now."""
-        contact = await self.node.contact(practice)
-        answer = await access.request_access(self.node.client, self.node.peer(contact), token=token, emergency=emergency,
+        contact = await self.contacts.get(practice)
+        answer = await access.request_access(self.ports.client, self.locate(contact), token=token, emergency=emergency,
                                              patient=patient, want=want)
         ids = answer.get("records")
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise ConsentRefused("the practice's answer lists no records")
         if pull and ids and not self._served_by_another_process():
-            await self.node.puller.pull_from(contact)
+            await self.puller.pull_from(contact)
         return ids
 
     def _served_by_another_process(self) -> bool:
         """Is `cabinet run` holding this folder? Then its server takes the records the practice
         pushes; pulling them here as well would race it for the same incoming files."""
-        if getattr(self.node, "_lock_fd", None) is not None:
+        if self._serving():
             return False
-        fd = os.open(self.node.folder / "run.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self.ports.folder / "run.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return False
@@ -348,34 +381,34 @@ class PatientService:
 
     async def fetch_history(self, card: Card, *, now: int | None = None) -> tuple[bytes, dict]:
         """The card's history from its practice (here, or a contact); checked against the practice's key."""
-        from ..core.card import check_history, history_request
-        token = history_request(card, by=self.node.node_id, now=await self._now(now))
-        if card.practice == self.node.node_id:
-            raw = await self.history_for(token, caller=self.node.node_id, now=now)
+        token = history_request(card, by=self.node_id, now=await self._now(now))
+        if card.practice == self.node_id:
+            raw = await self.history_for(token, caller=self.node_id, now=now)
         else:
-            peer = self.node.peer(await self.node.contact(card.practice))
-            raw = await access.fetch_history(self.node.client, peer, token)
+            peer = self.locate(await self.contacts.get(card.practice))
+            raw = await access.fetch_history(self.ports.client, peer, token)
         return raw, check_history(raw, card)
 
     async def send_revocation(self, card_practice: str, token: str) -> str:
         """Apply a revocation here if this is the card's practice, else carry it there."""
-        if normalize_node_id(card_practice) == self.node.node_id:
+        if normalize_node_id(card_practice) == self.node_id:
             return await self.apply_revocation(token, caller=None)
-        peer = self.node.peer(await self.node.contact(card_practice))
-        answer = await access.send_revocation(self.node.client, peer, token)
+        peer = self.locate(await self.contacts.get(card_practice))
+        answer = await access.send_revocation(self.ports.client, peer, token)
         return str(answer.get("revoked", ""))
 
 
 class PatientEndpoints:
-    """Mixed into the node's transport Handler (serving.NodeHandler): the routes of transport/access.py."""
+    """The slice of the node's transport Handler (app/handler.py) that answers transport/access.py's routes."""
 
-    node: "Node"
+    def __init__(self, service: PatientService) -> None:
+        self.service = service
 
     async def access_request(self, caller: str, msg: dict) -> Answer:
         what = "access request"
         wire.only_fields(msg, {"token", "emergency", "patient", "want"}, what=what)
         field = lambda name, n: wire.field(msg, name, str, what=what, optional=True, max_len=n)  # noqa: E731
-        sent = await self.node.patients.handle_request(
+        sent = await self.service.handle_request(
             caller, token=field("token", consent.MAX_TOKEN), reason=field("emergency", 2 * MAX_REASON),
             patient_ref=field("patient", 64), want=field("want", 64))
         return Answer(200, {"records": sent})
@@ -383,9 +416,9 @@ class PatientEndpoints:
     async def patient_history(self, caller: str, msg: dict) -> Answer:
         wire.only_fields(msg, {"request"}, what="history request")
         token = wire.field(msg, "request", str, what="history request", max_len=consent.MAX_TOKEN)
-        return Answer(200, {"history": await self.node.patients.history_for(token, caller=caller)})
+        return Answer(200, {"history": await self.service.history_for(token, caller=caller)})
 
     async def patient_revocation(self, caller: str, msg: dict) -> Answer:
         wire.only_fields(msg, {"revocation"}, what="revocation")
         token = wire.field(msg, "revocation", str, what="revocation", max_len=consent.MAX_TOKEN)
-        return Answer(200, {"revoked": await self.node.patients.apply_revocation(token, caller=caller)})
+        return Answer(200, {"revoked": await self.service.apply_revocation(token, caller=caller)})

@@ -24,13 +24,14 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import segno
 
 from . import consent
+from .audit_docs import HISTORY_KIND, check_ref, open_signed
 from .errors import ConsentRefused, InvalidKey, UsageError
 from .identity import normalize_node_id
-from ..store import patients as store_patients
 
 HEADER = "cabinet patient card v1"
 QR_PREFIX = "CABINET-CARD:1:"
@@ -70,7 +71,7 @@ class Card:
             public_key = derived
         if public_key is None:
             raise InvalidKey("a card needs the patient's key")
-        return cls(practice=normalize_node_id(practice), patient_ref=store_patients.check_ref(patient_ref),
+        return cls(practice=normalize_node_id(practice), patient_ref=check_ref(patient_ref),
                    public_key=bytes(public_key), seed=seed)
 
     def qr_payload(self) -> str:
@@ -170,7 +171,7 @@ def history_request(card: Card, *, by: str, now: int) -> str:
 
 
 def read_history_request(token: str, *, public_key: bytes, patient_ref: str, practice: str, caller: str,
-                         now: int) -> dict:
+                         now: int) -> dict[str, Any]:
     """The practice's check of a history request; refusals are ConsentRefused with the reason."""
     payload = consent.verify_v4_public(public_key, token, implicit=HISTORY_IMPLICIT)
     try:
@@ -194,9 +195,9 @@ def read_history_request(token: str, *, public_key: bytes, patient_ref: str, pra
     return claims
 
 
-def check_history(raw: bytes, card: Card) -> dict:
+def check_history(raw: bytes, card: Card) -> dict[str, Any]:
     """Verify a history against the card's practice; returns {"entries": [...], "seq", "hash", "at"}."""
-    body = store_patients.open_signed(raw, practice=card.practice, kind=store_patients.HISTORY_KIND)
+    body = open_signed(raw, practice=card.practice, kind=HISTORY_KIND)
     if body.get("patient") != card.patient_ref:
         raise ConsentRefused("this history is about another patient")
     return body

@@ -71,10 +71,13 @@ def _unb64(text: str, what: str, error: type[Exception] = ConsentRefused) -> byt
     return raw
 
 
+def _le64(n: int) -> bytes:
+    return (n & 0x7FFF_FFFF_FFFF_FFFF).to_bytes(8, "little")
+
+
 def pae(*pieces: bytes) -> bytes:
     """Pre-authentication encoding: LE64(count), then LE64(length) || piece for each piece."""
-    le64 = lambda n: (n & 0x7FFF_FFFF_FFFF_FFFF).to_bytes(8, "little")  # noqa: E731
-    return le64(len(pieces)) + b"".join(le64(len(p)) + p for p in pieces)
+    return _le64(len(pieces)) + b"".join(_le64(len(p)) + p for p in pieces)
 
 
 # --- keys and PASERK ------------------------------------------------------------
@@ -296,12 +299,12 @@ class Grant:
     def expires_ms(self) -> int:
         return parse_rfc3339(self.exp)
 
-    def to_claims(self) -> dict:
+    def to_claims(self) -> dict[str, Any]:
         return {"iss": self.issuer, "sub": self.subject, "aud": self.audience, "scope": self.scope,
                 "iat": self.iat, "nbf": self.nbf, "exp": self.exp, "jti": self.jti, "purpose": "grant"}
 
     @classmethod
-    def from_claims(cls, claims: dict) -> "Grant":
+    def from_claims(cls, claims: dict[str, Any]) -> "Grant":
         problem = _grant_problem(claims)
         if problem:
             raise ConsentRefused(f"malformed claims: {problem}")
@@ -309,7 +312,7 @@ class Grant:
                    iat=claims["iat"], nbf=claims["nbf"], exp=claims["exp"], jti=claims["jti"])
 
 
-def _grant_problem(c: dict) -> str | None:
+def _grant_problem(c: dict[str, Any]) -> str | None:
     if set(c) != _GRANT_CLAIMS:
         return f"expected exactly the claims {sorted(_GRANT_CLAIMS)}"
     if c["purpose"] != "grant":
@@ -333,7 +336,7 @@ def _grant_problem(c: dict) -> str | None:
     return None
 
 
-def _issue(key: nacl.signing.SigningKey, claims: dict) -> str:
+def _issue(key: nacl.signing.SigningKey, claims: dict[str, Any]) -> str:
     payload = json.dumps(claims, separators=(",", ":"), ensure_ascii=True).encode("ascii")
     footer = json.dumps({"kid": claims["iss"]}, separators=(",", ":")).encode("ascii")
     return sign_v4_public(bytes(key), payload, footer, IMPLICIT)
@@ -367,7 +370,7 @@ def _footer_kid(footer: bytes) -> str:
     return obj["kid"]
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
         raise ValueError("duplicate key")
@@ -378,7 +381,7 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-def _json_object(raw: bytes, what: str) -> dict:
+def _json_object(raw: bytes, what: str) -> dict[str, Any]:
     """A JSON object, refusing duplicate keys and NaN/Infinity (a signer and a checker must agree)."""
     try:
         obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
@@ -389,7 +392,7 @@ def _json_object(raw: bytes, what: str) -> dict:
     return obj
 
 
-def _open(token: str | bytes, patient_public_keys: Mapping[str, bytes]) -> tuple[dict, str]:
+def _open(token: str | bytes, patient_public_keys: Mapping[str, bytes]) -> tuple[dict[str, Any], str]:
     """Pick the key named in the footer, verify, decode the claims; returns (claims, kid)."""
     kid = _footer_kid(_split(token)[2])
     public = patient_public_keys.get(kid)
@@ -447,11 +450,11 @@ class Revocation:
     revokes: str     # the jti of the grant withdrawn
     iat: str
 
-    def to_claims(self) -> dict:
+    def to_claims(self) -> dict[str, Any]:
         return {"iss": self.issuer, "iat": self.iat, "revokes": self.revokes, "purpose": "revoke"}
 
     @classmethod
-    def from_claims(cls, c: dict) -> "Revocation":
+    def from_claims(cls, c: dict[str, Any]) -> "Revocation":
         if set(c) != _REVOKE_CLAIMS or c["purpose"] != "revoke":
             raise ConsentRefused(f"malformed claims: a revocation has exactly {sorted(_REVOKE_CLAIMS)}")
         if not isinstance(c["revokes"], str) or not _JTI.fullmatch(c["revokes"]):

@@ -20,7 +20,7 @@ import hashlib
 import hmac
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, cast
 
 import nacl.bindings as B
 
@@ -76,7 +76,7 @@ class Slot:
     kid: bytes      # 8-byte ID of the recipient's encryption key
     key: bytes      # sealed box of the 32-byte content key (80 bytes)
 
-    def to_wire(self) -> dict:
+    def to_wire(self) -> dict[str, Any]:
         return {"to": self.to, "kid": self.kid, "key": self.key}
 
     @classmethod
@@ -150,7 +150,7 @@ class Header:
         slots = tuple(Slot.from_wire(s) for s in slots_raw)
         if len({s.to for s in slots}) != len(slots):
             raise RemoteProtocolError(f"{what}: a recipient appears twice")
-        if "reply_to" not in h:
+        if "reply_to" not in cast("dict[str, Any]", h):      # a map: wire.field checked it
             raise RemoteProtocolError(f"{what}: missing field 'reply_to'")
         sender = wire.field(h, "from", bytes, what=what, size=ID_BYTES)
         if sender not in {s.to for s in slots}:
@@ -277,7 +277,9 @@ class Manifest:
                 raise RemoteProtocolError(f"{what}: attachment size out of range")
             parsed.append(Attachment(name=wire.field(a, "name", str, what=what, max_len=255), size=size,
                                      type=wire.field(a, "type", str, what=what, max_len=255)))
-        s = lambda k: wire.field(m, k, str, what=what)  # noqa: E731
+        def s(k: str) -> str:
+            text: str = wire.field(m, k, str, what=what)
+            return text
         return cls(patient=s("patient"), born=s("born"), subject=s("subject"), letter=s("letter"),
                    data=s("data"), attachments=tuple(parsed))
 
@@ -307,7 +309,7 @@ def seal_slot(recipient: Recipient, content_key: bytes, rng: Rng) -> Slot:
     return Slot(to=recipient.node_id, kid=crypto.key_id(recipient.enc_key), key=sealed)
 
 
-def _stream_state(key: bytes, stream_header: bytes):
+def _stream_state(key: bytes, stream_header: bytes) -> B.crypto_secretstream_xchacha20poly1305_state:
     # init_pull derives exactly the state init_push would from this header, which
     # lets the header come from `rng` (reproducible vectors) instead of libsodium.
     state = B.crypto_secretstream_xchacha20poly1305_state()

@@ -14,7 +14,9 @@ import binascii
 import functools
 import urllib.parse
 import hashlib
+import unicodedata
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import nacl.public
 import nacl.signing
@@ -27,6 +29,15 @@ _ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 DESCRIPTOR_PREFIX = "cabinet-descriptor:"
 MAX_DESCRIPTOR = 16 * 1024
 DESCRIPTOR_DAYS = 365
+TEXT_FIELDS = ("name", "specialty", "city", "rpps")
+# Besides the C0 and C1 controls and DEL (category Cc): the bidirectional overrides and isolates,
+# which reorder what a terminal shows, and the line and paragraph separators.
+_INVISIBLE = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2028\u2029")
+
+
+def control_free(text: str) -> bool:
+    """No character that could move a cursor, start an escape sequence, or reorder a line on screen."""
+    return not any(ch in _INVISIBLE or unicodedata.category(ch) == "Cc" for ch in text)
 
 
 def _luhn32(text: str) -> str:
@@ -119,7 +130,7 @@ class Descriptor:
     def enc_key_id(self) -> bytes:
         return crypto.key_id(self.enc_key)
 
-    def _body(self) -> dict:
+    def _body(self) -> dict[str, Any]:
         body = {
             "v": 1, "id": node_id_bytes(self.sign_key), "sk": self.sign_key, "ek": self.enc_key,
             "name": self.name, "specialty": self.specialty, "city": self.city, "rpps": self.rpps,
@@ -161,7 +172,14 @@ class Descriptor:
         addrs = wire.field(body, "addrs", list, what=what)
         if len(addrs) > 16 or not all(isinstance(a, str) and valid_address(a) for a in addrs):
             raise RemoteProtocolError("descriptor: bad address list")
-        text = lambda name: wire.field(body, name, str, what=what, max_len=200)  # noqa: E731
+        if not all(control_free(a) for a in addrs):
+            raise RemoteProtocolError("descriptor: field 'addrs' contains a control character")
+
+        def text(name: str) -> str:
+            value: str = wire.field(body, name, str, what=what, max_len=200)
+            if not control_free(value):
+                raise RemoteProtocolError(f"descriptor: field {name!r} contains a control character")
+            return value
         return cls(
             node_id=node_id_for(sk), sign_key=sk, enc_key=ek, name=text("name"),
             specialty=text("specialty"), city=text("city"), rpps=text("rpps"), addresses=tuple(addrs),
@@ -215,7 +233,7 @@ class Identity:
         """The same identity with a fresh encryption key; the old ones still open what was sent to them."""
         return Identity(bytes(self.signing_key), [bytes(k) for k in self._enc] + [bytes(nacl.public.PrivateKey.generate())])
 
-    def secrets(self) -> dict:
+    def secrets(self) -> dict[str, Any]:
         return {"sign": bytes(self.signing_key), "enc": [bytes(k) for k in self._enc]}
 
     def sign(self, domain: str, message: bytes) -> bytes:
@@ -223,6 +241,12 @@ class Identity:
 
     def descriptor(self, *, name: str, specialty: str = "", city: str = "", rpps: str = "",
                    addresses: tuple[str, ...] = (), seq: int, now_ms: int, revoked: bool = False) -> Descriptor:
+        fields = {"name": name, "specialty": specialty, "city": city, "rpps": rpps}
+        fields |= {"addresses": a for a in ([] if revoked else addresses) if not control_free(a)}
+        for field_name, value in fields.items():
+            if not control_free(value):
+                raise UsageError(f"descriptor field {field_name!r} contains a control character "
+                                 "(newline, tab, escape or a direction override): remove it")
         d = Descriptor(node_id=self.node_id, sign_key=self.sign_public, enc_key=self.enc_public, name=name,
                        specialty=specialty, city=city, rpps=rpps, addresses=() if revoked else tuple(addresses),
                        seq=seq, issued=now_ms, expires=now_ms + DESCRIPTOR_DAYS * 86_400_000, revoked=revoked)

@@ -9,7 +9,8 @@ the same value and a signature over raw bytes means one thing.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sized
+from typing import Any, cast
 
 import msgpack
 
@@ -38,14 +39,15 @@ def _canon(obj: Any, depth: int = 0) -> Any:
 
 def pack(obj: Any) -> bytes:
     """Encode `obj` canonically. Raises ValueError for values the format forbids."""
-    return msgpack.packb(_canon(obj), use_bin_type=True)
+    packed: bytes = msgpack.packb(_canon(obj), use_bin_type=True)
+    return packed
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
     raise ValueError("extension types are not allowed")
 
 
-def _sorted_map(pairs: list[tuple[Any, Any]]) -> dict:
+def _sorted_map(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
     """Called by msgpack for every map: keys must be str, unique and in canonical order."""
     prev = None
     for key, _ in pairs:
@@ -122,9 +124,9 @@ def field(obj: Any, name: str, kind: type | tuple[type, ...], *, what: str, opti
         raise RemoteProtocolError(f"{what}: field {name!r} has the wrong type")
     if not isinstance(value, kind):
         raise RemoteProtocolError(f"{what}: field {name!r} has the wrong type")
-    if size is not None and len(value) != size:
+    if size is not None and len(cast(Sized, value)) != size:
         raise RemoteProtocolError(f"{what}: field {name!r} must be {size} bytes")
-    if max_len is not None and len(value) > max_len:
+    if max_len is not None and len(cast(Sized, value)) > max_len:
         raise RemoteProtocolError(f"{what}: field {name!r} is too long")
     return value
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
 import logging
 import os
 import signal
@@ -22,30 +21,17 @@ from pathlib import Path
 import segno
 
 from . import cli_patient
-from ..config import default_data_dir
-from ..core.errors import CabinetError, UsageError
-from ..node import Node, Summary
-from ..transport import mdns
+from .prompt import passphrase
+from .text import shown
+from ..node import (CabinetError, Descriptor, Node, Summary, UsageError, contact_state, default_data_dir,
+                    setup_logging, valid_address)
 
 log = logging.getLogger("cabinet.cli")
 
 
 # --- helpers -------------------------------------------------------------------
 
-def passphrase(confirm: bool = False) -> str:
-    env = os.environ.get("CABINET_PASSPHRASE")
-    if env is not None:
-        return env
-    if not sys.stdin.isatty():
-        raise UsageError("no passphrase: set CABINET_PASSPHRASE or run in a terminal")
-    first = getpass.getpass("Passphrase: ")
-    if confirm and getpass.getpass("Passphrase again: ") != first:
-        raise UsageError("the two passphrases differ")
-    return first
-
-
 def _url(text: str) -> str:
-    from ..core.identity import valid_address
     if not valid_address(text):
         raise UsageError(f"not an address: {text!r} (expected http://host:port)")
     return text.rstrip("/")
@@ -55,27 +41,12 @@ def when(ms: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ms / 1000)) if ms else "-"
 
 
-def size(n: int) -> str:
+def size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
-
-
-def setup_logging(folder: Path | None, verbose: bool) -> None:
-    root = logging.getLogger("cabinet")
-    root.setLevel(logging.INFO)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if verbose:
-        h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(fmt)
-        root.addHandler(h)
-    if folder is not None and (folder / "keys.cabinet").is_file():
-        fd = os.open(folder / "node.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        fh = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8"))
-        fh.setFormatter(fmt)
-        root.addHandler(fh)
 
 
 def print_summaries(rows: list[Summary], header: str) -> None:
@@ -87,8 +58,8 @@ def print_summaries(rows: list[Summary], header: str) -> None:
         total = sum(n for _, n in s.attachments)
         files = f"{len(s.attachments)} ({size(total)})" if s.attachments else "0"
         mark = "" if s.opened or s.direction == "out" else "*"
-        print(f"{s.id[:10]:10}  {when(s.created):16}  {s.sender_name[:20]:20}  "
-              f"{(s.patient + (' ' + s.born if s.born else ''))[:24]:24}  {(mark + s.subject)[:30]:30}  {files}")
+        print(f"{s.id[:10]:10}  {when(s.created):16}  {shown(s.sender_name)[:20]:20}  "
+              f"{shown(s.patient + (' ' + s.born if s.born else ''))[:24]:24}  {(mark + shown(s.subject))[:30]:30}  {files}")
     if any(not s.opened and s.direction == "in" for s in rows):
         print("(* not opened yet)")
 
@@ -137,9 +108,26 @@ async def cmd_id(a) -> int:
         print(f"Name:    {node.config.name}  {node.config.specialty}  {node.config.city}".rstrip())
         addrs = ", ".join(node.descriptor.addresses) or "(none advertised)"
         print(f"Address: {addrs}")
+        local = [u for u in node.descriptor.addresses if _only_this_machine(u)]
+        if local:
+            print(f"WARNING: {', '.join(local)} can only be reached from this computer: colleagues elsewhere "
+                  "cannot use it. Run with --listen 0.0.0.0:PORT and --advertise http://YOUR-ADDRESS:PORT "
+                  "(or a bootstrap) before sharing this descriptor.", file=sys.stderr)
         if a.text or not a.export:
             print(text)
     return 0
+
+
+def _only_this_machine(url: str) -> bool:
+    import ipaddress
+    from urllib.parse import urlsplit
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 async def cmd_contact_add(a) -> int:
@@ -147,42 +135,47 @@ async def cmd_contact_add(a) -> int:
         c, status = await node.add_contact(a.source, name=a.name, expect_id=a.id)
         if status == "held":
             old = await node.contact(c["replaces"])
-            print(f"WARNING: {c['name']} claims to be {old['name']} ({old['node_id']}), whom you already know, "
+            print(f"WARNING: {shown(c['name'])} claims to be {shown(old['name'])} ({old['node_id']}), whom you already know, "
                   f"but with ANOTHER IDENTITY KEY ({c['node_id']}).", file=sys.stderr)
             print("This happens when a practice reinstalls its box, and when someone impersonates it. Nothing is "
                   "sent to the new key until you check the safety code by phone and run:", file=sys.stderr)
-            print(f"    cabinet contact confirm \"{c['name']}\"", file=sys.stderr)
+            print(f"    cabinet contact confirm \"{shown(c['name'])}\"", file=sys.stderr)
             return 3
         if status == "revoked":
             raise UsageError(f"{c['name']} ({c['node_id']}) has revoked this key; ask them for their new node ID")
         state = "verified" if c["verified"] else "unverified until 'cabinet contact verify'"
-        print(f"Contact {status}: {c['name']}  {c['node_id']}  ({state})")
+        print(f"Contact {status}: {shown(c['name'])}  {c['node_id']}  ({state})")
     return 0
 
 
 async def cmd_contact_confirm(a) -> int:
     async with Node.open(a.data, passphrase=passphrase()) as node:
         c = await node.confirm_contact(a.name)
-        print(f"{c['name']} ({c['node_id']}) confirmed; what was held for it is delivered by 'cabinet run'.")
+        print(f"{shown(c['name'])} ({c['node_id']}) confirmed; what was held for it is delivered by 'cabinet run'.")
     return 0
 
 
 async def cmd_directory_search(a) -> int:
     async with Node.open(a.data, passphrase=passphrase()) as node:
-        found = await node.discovery.search(" ".join(a.query))
+        found = await node.directory_search(" ".join(a.query))
         if not found:
             print("No practitioner found.")
-        for d in found:
-            rpps = f"  RPPS {d.rpps}" if d.rpps else ""
-            print(f"{d.name[:28]:28}  {d.specialty[:20]:20}  {d.city[:16]:16}  {d.node_id}{rpps}")
+        for f in found:
+            d = f.descriptor
+            rpps = f"  RPPS {shown(d.rpps)}" if d.rpps else ""
+            print(f"{shown(d.name)[:28]:28}  {shown(d.specialty)[:20]:20}  {shown(d.city)[:16]:16}  {d.node_id}{rpps}")
+            if f.conflict:
+                what = " and ".join({"same-rpps": "the same RPPS number",
+                                     "same-name-city": "the same name and city"}.get(c, c) for c in f.conflict)
+                print(f"  ! another identity claims {what}: compare the safety code before trusting either")
     return 0
 
 
 async def cmd_directory_lookup(a) -> int:
     async with Node.open(a.data, passphrase=passphrase()) as node:
-        d = await node.discovery.resolve(a.node_id)
-        print(f"{d.name}  {d.specialty}  {d.city}  {d.node_id}  seq {d.seq}")
-        print("Addresses: " + (", ".join(d.addresses) or "(none)"))
+        d = await node.directory_lookup(a.node_id)
+        print(f"{shown(d.name)}  {shown(d.specialty)}  {shown(d.city)}  {d.node_id}  seq {d.seq}")
+        print("Addresses: " + (shown(", ".join(d.addresses)) or "(none)"))
         if d.revoked:
             print("REVOKED: this node's keys were revoked by its owner.")
     return 0
@@ -192,25 +185,25 @@ async def cmd_directory_announce(a) -> int:
     async with Node.open(a.data, passphrase=passphrase()) as node:
         if a.bootstrap:
             node.use_bootstraps(a.bootstrap)
-        results = await node.discovery.announce()
+        results = await node.announce()
         ok = sum(r == "ok" for r in results.values())
         print(f"Descriptor (seq {node.descriptor.seq}) accepted by {ok} of {len(results)} bootstrap(s)")
         for url, r in results.items():
             if r != "ok":
-                print(f"cabinet: {url}: {r}", file=sys.stderr)
+                print(f"cabinet: {shown(url)}: {shown(r)}", file=sys.stderr)
         return 0 if ok else 1
 
 
 async def cmd_peers(a) -> int:
     async with Node.open(a.data, passphrase=passphrase()) as node:
-        hints = await mdns.browse(a.wait, own_id=node.node_id, client=node.client)
+        hints = await node.lan_peers(a.wait)
         names = {c["node_id"]: c["name"] for c in await node.contacts()}
     if not hints:
         print(f"No cabinet node answered on the LAN in {a.wait:g} s.")
     for h in hints:
         state = "verified" if h.verified else "NOT verified (impostor, or not answering)"
         known = f"  [contact: {names[h.node_id]}]" if h.node_id in names else ""
-        print(f"{h.name[:24]:24}  {h.node_id}  {h.url:26}  {state}{known}")
+        print(f"{shown(h.name)[:24]:24}  {h.node_id}  {h.url:26}  {state}{known}")
     return 0
 
 
@@ -218,7 +211,9 @@ async def cmd_keys_rotate(a) -> int:
     secret = passphrase()
     async with Node.open(a.data, passphrase=secret) as node:
         desc, told = await node.rotate_keys(secret)
-        print(f"New encryption key in descriptor seq {desc.seq}; {told} contact(s) told directly; old keys are kept "
+        how = ("the running node uses it now and tells your contacts" if told < 0
+               else f"{told} contact(s) told directly")
+        print(f"New encryption key in descriptor seq {desc.seq}; {how}; old keys are kept "
               "to open what was sent to them.")
     return 0
 
@@ -239,10 +234,9 @@ async def cmd_contact_list(a) -> int:
         if not rows:
             print("No contacts yet: 'cabinet contact add' adds one.")
         for c in rows:
-            from ..core.identity import Descriptor
             d = Descriptor.from_wire(c["descriptor"])
-            state = "verified" if c["verified"] else "unverified (trust on first use)"
-            print(f"{c['name']:24}  {c['node_id']}  {d.specialty or '-'}, {d.city or '-'}  {state}")
+            state = contact_state(c)
+            print(f"{shown(c['name']):24}  {c['node_id']}  {shown(d.specialty or '-')}, {shown(d.city or '-')}  {state}")
     return 0
 
 
@@ -254,9 +248,11 @@ async def cmd_contact_verify(a) -> int:
             qr.save(a.png, scale=6, border=4)
             print(f"QR code of this node's descriptor written to {a.png}")
         elif sys.stdout.isatty() or a.qr:
-            print("This node's descriptor, for your colleague to scan:")
-            qr.terminal(compact=True)
-        print(f"Safety code with {c['name']} ({c['node_id']}):\n\n    {code}\n")
+            # The whole descriptor makes a QR code too wide for a terminal; the node ID fits in 37
+            # columns and is all 'cabinet contact add' needs (the PNG holds the whole descriptor).
+            print("This node's ID, for your colleague to scan ('cabinet contact add ID'):")
+            segno.make(node.node_id, error="m").terminal(compact=True, border=2)
+        print(f"Safety code with {shown(c['name'])} ({c['node_id']}):\n\n    {code}\n")
         print("Compare it with the code on your colleague's screen (by phone or in person).")
         if not a.yes:
             if not sys.stdin.isatty():
@@ -265,7 +261,7 @@ async def cmd_contact_verify(a) -> int:
                 print("Not marked verified.")
                 return 1
         await node.verify_contact(a.name)
-        print(f"{c['name']} is now verified.")
+        print(f"{shown(c['name'])} is now verified.")
     return 0
 
 
@@ -273,7 +269,7 @@ async def _delivery_report(node: Node, result) -> None:
     names = {c["node_id"]: c["name"] for c in await node.contacts()}
     for rcpt, state in result.deliveries.items():
         extra = f" ({result.errors[rcpt]})" if rcpt in result.errors else ""
-        print(f"  to {names.get(rcpt, rcpt)} ({rcpt}): {state}{extra}")
+        print(f"  to {shown(names.get(rcpt, rcpt))} ({rcpt}): {shown(state)}{shown(extra)}")
 
 
 async def cmd_send(a) -> int:
@@ -301,6 +297,8 @@ def delivery_state(d: dict, now_ms: int) -> str:
     if d["state"] == "delivered":
         text = f"delivered {when(d['delivered'])}"
         return text + (f", opened {when(d['opened'])}" if d["opened"] else ", not opened yet")
+    if d["state"] == "refused":
+        return f"refused by the recipient {when(d.get('refused'))}: {d['last_error'] or 'no reason given'} (not sent again)"
     if d["state"] == "sending" and d["body_size"]:
         pct = 100 * d["sent_bytes"] // d["body_size"]
         text = f"sending {pct}% ({size(d['sent_bytes'])} of {size(d['body_size'])})"
@@ -324,13 +322,11 @@ async def cmd_outbox(a) -> int:
         now = int(time.time() * 1000)
         for d in rows:
             name = d["recipient_name"] or d["recipient"]
-            print(f"{d['record_id'][:10]}  {when(d['created'])}  to {name[:24]:24}  {delivery_state(d, now)}")
+            print(f"{d['record_id'][:10]}  {when(d['created'])}  to {shown(name)[:24]:24}  {shown(delivery_state(d, now))}")
     return 0
 
 
 async def cmd_inbox(a) -> int:
-    if a.patient and not a.born:
-        raise UsageError("give --born YYYY-MM-DD with --patient: the search matches name and date of birth together")
     async with Node.open(a.data, passphrase=passphrase()) as node:
         rows = await node.list_records(None if a.all else "in", patient=a.patient, born=a.born or "")
         print_summaries(rows, "Inbox")
@@ -342,23 +338,23 @@ async def cmd_show(a) -> int:
         view = await node.read(a.id)
         s, m = view.summary, view.manifest
         print(f"Record   {s.id}  ({s.kind}, {'received' if s.direction == 'in' else 'sent'})")
-        print(f"From     {s.sender_name} ({s.sender})")
+        print(f"From     {shown(s.sender_name)} ({s.sender})")
         print(f"Date     {when(s.created)}")
-        print(f"Patient  {m.patient}" + (f", born {m.born}" if m.born else ""))
-        print(f"Subject  {m.subject}")
+        print(f"Patient  {shown(m.patient)}" + (f", born {shown(m.born)}" if m.born else ""))
+        print(f"Subject  {shown(m.subject)}")
         if s.reply_to:
             print(f"Reply to {s.reply_to}")
         for name, n in s.attachments:
-            print(f"Attached {name} ({size(n)})")
+            print(f"Attached {shown(name)} ({size(n)})")
         print()
-        print(m.letter)
+        print(shown(m.letter, lines=True))
         if m.data:
-            print("\nStructured data:\n" + m.data)
+            print("\nStructured data:\n" + shown(m.data, lines=True))
         thread = await node.thread(s.id)
         if len(thread) > 1:
             print("\nThread:")
             for t in thread:
-                print(f"  {t.id[:10]}  {when(t.created)}  {t.kind:8}  {t.sender_name:20}  {t.subject}")
+                print(f"  {t.id[:10]}  {when(t.created)}  {t.kind:8}  {shown(t.sender_name):20}  {shown(t.subject)}")
     return 0
 
 
@@ -372,7 +368,7 @@ async def cmd_export(a) -> int:
     async with Node.open(a.data, passphrase=passphrase()) as node:
         written = await node.export(a.id, a.dir)
         for p in written:
-            print(p)
+            print(shown(p))
         if not written:
             print("This record has no attachments.")
     return 0
@@ -391,11 +387,14 @@ async def cmd_audit_verify(a) -> int:
 # --- parser --------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
+    # --data and -v work before the command (cabinet --data DIR inbox) and after it (cabinet inbox --data DIR).
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data", type=Path, default=default_data_dir(),
+    common.add_argument("--data", type=Path, default=argparse.SUPPRESS,
                         help="data folder (default: $CABINET_DATA or ~/.cabinet)")
-    common.add_argument("-v", "--verbose", action="store_true", help="log to stderr too")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log to stderr too")
     p = argparse.ArgumentParser(prog="cabinet", description="End-to-end encrypted referrals between practices.")
+    p.add_argument("--data", type=Path, default=None, help="data folder (default: $CABINET_DATA or ~/.cabinet)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log to stderr too")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name, fn, help_, parent=sub):
@@ -474,15 +473,15 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             sp.add_argument("id", help="the record being answered")
             sp.add_argument("--subject", default=None)
-        sp.add_argument("--letter", required=True, help="the letter, a UTF-8 text file")
+        sp.add_argument("--letter", required=True, help="the letter: a text file, or a PDF or Word file (sent as the first attachment)")
         sp.add_argument("--no-deliver", action="store_true", help="only queue it; 'cabinet run' delivers")
         sp.add_argument("attachments", nargs="*", metavar="ATTACHMENT")
 
     sp = add("outbox", cmd_outbox, "what was sent, per recipient: queued, delivered")
     sp.add_argument("id", nargs="?")
     sp = add("inbox", cmd_inbox, "received records")
-    sp.add_argument("--patient", help="only this patient (with --born)")
-    sp.add_argument("--born", help="patient's date of birth")
+    sp.add_argument("--patient", help="only this patient: any words of the name, in any order, case or accents")
+    sp.add_argument("--born", help="only patients born on this date (YYYY-MM-DD)")
     sp.add_argument("--all", action="store_true", help="sent records too")
     sp = add("show", cmd_show, "print a record's letter and details")
     sp.add_argument("id")
@@ -500,12 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.data = args.data.expanduser()
+    args.data = (args.data or default_data_dir()).expanduser()
     try:
         setup_logging(args.data, args.verbose or args.fn is cmd_run)
         return asyncio.run(args.fn(args))
     except CabinetError as err:
-        print(f"cabinet: {err}", file=sys.stderr)
+        print(f"cabinet: {shown(err)}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("cabinet: interrupted", file=sys.stderr)

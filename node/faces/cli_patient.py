@@ -17,25 +17,19 @@ import sys
 import time
 from pathlib import Path
 
-from ..core import card as cards
-from ..core import consent
-from ..core.card import Card
-from ..core.errors import UsageError
-from ..core.identity import normalize_node_id
-from ..node import Node, now_ms
-from ..app.patients import PatientService
-from ..store import patients as sp
+from .prompt import passphrase
+from .text import shown
+from ..node import ANY_REQUESTER, Card, Node, UsageError, cards, consent, normalize_node_id, now_ms
 
 HEAD_PREFIX, HISTORY_PREFIX = "cabinet-audit-head:", "cabinet-history:"
 
 
 def _passphrase() -> str:
-    from .cli import passphrase      # late: cli.py imports this module
     return passphrase()
 
 
-def service(node: Node) -> PatientService:
-    return getattr(node, "patients", None) or PatientService(node)
+def service(node: Node):
+    return node.patients
 
 
 def to_text(raw: bytes, prefix: str) -> str:
@@ -100,12 +94,12 @@ async def cmd_break_glass(a) -> int:
         svc = service(node)
         for who, allowed in [(w, True) for w in a.allow or ()] + [(w, False) for w in a.deny or ()]:
             await svc.allow_break_glass(who, allowed)
-        policy = await node.store.call(sp.break_glass_policy)
+        policy = await node.patients.break_glass_policy()
         print("Emergency access without a grant: " + (", ".join(
-            "any contact" if r["requester"] == sp.ANY else r["requester"] for r in policy) or "nobody"))
-        for e in await node.store.call(sp.flagged):
+            "any contact" if r["requester"] == ANY_REQUESTER else r["requester"] for r in policy) or "nobody"))
+        for e in await node.patients.flagged():
             d = json.loads(e["detail"] or "{}")
-            print(f"  {when(e['at'])}  {e['event']:20}  by {e['peer'] or '-'}  {d.get('reason') or d.get('why', '')}")
+            print(f"  {when(e['at'])}  {shown(e['event']):20}  by {shown(e['peer'] or '-')}  {shown(d.get('reason') or d.get('why', ''))}")
     return 0
 
 
@@ -124,7 +118,7 @@ async def cmd_audit_check(a) -> int:
     async with Node.open(a.data, passphrase=_passphrase()) as node:
         ok, why = await service(node).verify_against_head(raw)
     if not ok:
-        print(f"audit log: {why}", file=sys.stderr)
+        print(f"audit log: {shown(why)}", file=sys.stderr)
         return 3
     print(f"audit log: {why}")
     return 0
@@ -153,7 +147,7 @@ async def cmd_revoke(a) -> int:
         return 0
     async with Node.open(a.data, passphrase=_passphrase()) as node:
         jti = await service(node).send_revocation(card.practice, token)
-    print(f"Grant {jti} revoked at {card.practice}")
+    print(f"Grant {shown(jti)} revoked at {card.practice}")
     return 0
 
 
@@ -187,7 +181,7 @@ async def cmd_history(a) -> int:
           f"(verified), as of {when(body['at'])}, audit entry {body['seq']}:")
     for e in body["entries"]:
         rec = (e.get("record") or "-")[:10]
-        print(f"  {when(e['at'])}  #{e['seq']:<5} {e['event']:20} record {rec:10}  by {e.get('peer') or 'the practice'}"
+        print(f"  {when(e['at'])}  #{e['seq']:<5} {shown(e['event']):20} record {shown(rec):10}  by {shown(e.get('peer') or 'the practice')}"
               f"  {_describe(e)}".rstrip())
     if a.save:
         Path(a.save).write_text(to_text(raw, HISTORY_PREFIX) + "\n", encoding="utf-8")

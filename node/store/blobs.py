@@ -17,7 +17,7 @@ import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import IO, Callable, Iterator
 
 from ..core.envelope import CT_CHUNK, BodyParser, Decryptor, Header, Manifest, Sealer, plaintext_prefix
 from ..core.errors import InvalidEnvelope, StoreError, UsageError
@@ -250,7 +250,7 @@ def read_manifest(source: Source, header: Header, content_key: bytes) -> Manifes
 
 
 def open_to_files(source: Source, header: Header, content_key: bytes,
-                  open_sink: Callable[[int, Manifest], object]) -> Manifest:
+                  open_sink: Callable[[int, Manifest], IO[bytes]]) -> Manifest:
     """Decrypt a stored body, verifying all of it, and hand each attachment's bytes to a sink.
 
     `open_sink(i, manifest)` returns a writable file for attachment i; the
@@ -259,12 +259,13 @@ def open_to_files(source: Source, header: Header, content_key: bytes,
     """
     dec, parser = Decryptor(header, content_key), BodyParser()
     hasher = hashlib.sha256()
-    sinks: dict[int, object] = {}
+    sinks: dict[int, IO[bytes]] = {}
     behind = _Behind()
 
     def route(plain: bytes) -> None:
         for i, data in parser.feed(plain):
             if i not in sinks:
+                assert parser.manifest is not None      # attachment bytes come only after the manifest
                 sinks[i] = open_sink(i, parser.manifest)
             behind.run(sinks[i].write, data)
 

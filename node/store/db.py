@@ -18,10 +18,11 @@ from typing import Any, Callable, TypeVar
 import sqlite_utils
 
 from ..core.errors import CorruptStore, StoreError
+from .tx import transaction
 from .patients import SCHEMA as PATIENTS_SCHEMA
 
 DBFILE = "cabinet.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 T = TypeVar("T")
 
 SCHEMA = """
@@ -75,13 +76,23 @@ CREATE TABLE IF NOT EXISTS deliveries (
     opened     INTEGER,
     opened_receipt BLOB,
     stale      INTEGER NOT NULL DEFAULT 0,
+    refused    INTEGER,
     PRIMARY KEY (record_id, recipient),
     UNIQUE (recipient, seq)
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_try);
+CREATE INDEX IF NOT EXISTS deliveries_updated ON deliveries (updated);
 CREATE TABLE IF NOT EXISTS streams_in (
     sender TEXT PRIMARY KEY,
     cursor INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS refused_in (
+    sender    TEXT NOT NULL,
+    seq       INTEGER NOT NULL,
+    record_id TEXT NOT NULL,
+    reason    TEXT NOT NULL,
+    at        INTEGER NOT NULL,
+    PRIMARY KEY (sender, seq)
 );
 CREATE TABLE IF NOT EXISTS receipts_out (
     record_id TEXT NOT NULL,
@@ -123,10 +134,31 @@ def connect(path: Path) -> sqlite_utils.Database:
         if version is None:
             conn.execute("INSERT INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
         elif version[0] != SCHEMA_VERSION:
-            raise CorruptStore(f"database schema {version[0]} is not supported by this version")
+            _migrate(conn, version[0])
         return db
     except sqlite3.DatabaseError as exc:
         raise CorruptStore(f"the database {path.name} is damaged or not a cabinet database ({exc})") from None
+
+
+# Each step takes a database at version N to N + 1, in one transaction.
+MIGRATIONS = {
+    1: ["ALTER TABLE deliveries ADD COLUMN refused INTEGER"],      # a refused delivery (sync v1.1)
+}
+
+
+def _migrate(conn: sqlite3.Connection, version: object) -> None:
+    if not isinstance(version, int) or not 1 <= version < SCHEMA_VERSION:
+        raise CorruptStore(f"database schema {version} is not supported by this version")
+    for step in range(version, SCHEMA_VERSION):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for sql in MIGRATIONS[step]:
+                conn.execute(sql)
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (step + 1,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
 
 class Store:
@@ -159,20 +191,3 @@ def _guarded(fn: Callable[..., T], db: sqlite_utils.Database, args: tuple, kwarg
         if "disk" in str(exc) or "full" in str(exc):
             raise StoreError(f"the database could not be written: {exc}") from None
         raise StoreError(f"database error: {exc}") from None
-
-
-class transaction:
-    """`with transaction(db):` BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error."""
-
-    def __init__(self, db: sqlite_utils.Database) -> None:
-        self.conn = db.conn
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.conn.execute("BEGIN IMMEDIATE")
-        return self.conn
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.conn.execute("COMMIT")
-        else:
-            self.conn.execute("ROLLBACK")

@@ -37,6 +37,7 @@ class Secrets:
     identity: Identity
     storage_key: bytes     # SecretBox key for list metadata at rest
     index_key: bytes       # HMAC key for the blind index
+    kek: bytes = b""       # the key derived from the passphrase: lets a running node re-read its key file
 
 
 def _derive(passphrase: str, salt: bytes, ops: int, mem: int) -> bytes:
@@ -106,13 +107,21 @@ def _read_outer(folder: Path) -> dict:
 
 def open_(folder: Path, passphrase: str) -> Secrets:
     outer = _read_outer(folder)
+    return _unbox(outer, _derive(passphrase, outer["salt"], outer["ops"], outer["mem"]))
+
+
+def reopen(folder: Path, kek: bytes) -> Secrets:
+    """Read the key file again with the key already derived (a rotation by another command)."""
+    return _unbox(_read_outer(folder), kek)
+
+
+def _unbox(outer: dict, key: bytes) -> Secrets:
     try:
-        key = _derive(passphrase, outer["salt"], outer["ops"], outer["mem"])
         plain = nacl.secret.SecretBox(key).decrypt(outer["box"])
     except nacl.exceptions.CryptoError:
         raise WrongPassphrase("wrong passphrase for this data folder") from None
     try:
         inner = wire.unpack(plain, max_size=1 << 16, what="key file")
-        return Secrets(Identity(inner["sign"], list(inner["enc"])), inner["storage"], inner["index"])
+        return Secrets(Identity(inner["sign"], list(inner["enc"])), inner["storage"], inner["index"], key)
     except (ProtocolError, KeyError, TypeError):
         raise CorruptStore("the key file opened but its content is damaged") from None

@@ -19,10 +19,12 @@ import re
 
 import sqlite_utils
 
-from ..core import crypto, wire
-from ..core.errors import AlreadyExists, InvalidSignature, NotFound, RemoteProtocolError, UsageError
-from ..core.identity import Identity, node_id_for
+from ..core import wire
+from ..core.audit_docs import HEAD_KIND, HISTORY_KIND, check_ref, open_signed
+from ..core.errors import AlreadyExists, NotFound, UsageError
+from ..core.identity import Identity
 from . import audit
+from .tx import transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS patients (
@@ -68,10 +70,7 @@ CREATE INDEX IF NOT EXISTS audit_record ON audit (record);
 """
 
 ANY = "*"                                            # break-glass policy row: any contact may ask
-REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # no spaces: a name does not fit by accident
 CATEGORY = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")    # as consent.py's scope grammar
-HEAD_KIND, HISTORY_KIND = "audit-head", "patient-history"
-MAX_SIGNED = 4 << 20
 
 
 def ensure_schema(db: sqlite_utils.Database) -> None:
@@ -79,15 +78,8 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
     db.conn.executescript(SCHEMA)
 
 
-def _tx(db: sqlite_utils.Database):
-    from .db import transaction          # late: db.py may import this module for SCHEMA
+def _tx(db: sqlite_utils.Database) -> transaction:
     return transaction(db)
-
-
-def check_ref(ref: str) -> str:
-    if not isinstance(ref, str) or not REF.fullmatch(ref):
-        raise UsageError("a patient reference is 1-64 letters, digits, '.', '_' or '-' (a number, never a name)")
-    return ref
 
 
 def check_category(category: str | None) -> str | None:
@@ -164,7 +156,7 @@ def link(db: sqlite_utils.Database, record_id: str, ref: str, category: str | No
 def records_of(db: sqlite_utils.Database, ref: str) -> list[dict]:
     """The patient's own records (not the copies sent under grants), oldest first."""
     return list(db.query("SELECT l.record_id, l.category FROM record_patients l JOIN records r ON r.id = l.record_id "
-                         "WHERE l.patient_ref = ? AND l.copy_of IS NULL ORDER BY r.created, l.record_id", [ref]))
+                         "WHERE l.patient_ref = ? AND l.copy_of IS NULL ORDER BY r.created, r.rowid", [ref]))
 
 
 def link_copy(db: sqlite_utils.Database, *, copy: str, original: str, ref: str, requester: str, now: int,
@@ -269,30 +261,6 @@ def signed_history(db: sqlite_utils.Database, identity: Identity, ref: str, now:
         seq, digest = audit.head(db)
     return _signed(identity, HISTORY_KIND, {"patient": ref, "at": now, "seq": seq, "hash": digest,
                                             "entries": entries})
-
-
-def open_signed(raw: bytes, *, practice: str | None = None, kind: str | None = None) -> dict:
-    """Verify a signed head or history; returns its body. `practice` pins the expected node ID."""
-    outer = wire.unpack(raw, max_size=MAX_SIGNED, what="signed audit document")
-    wire.only_fields(outer, {"body", "sig"}, what="signed audit document")
-    body_raw = wire.field(outer, "body", bytes, what="signed audit document")
-    sig = wire.field(outer, "sig", bytes, what="signed audit document", size=64)
-    body = wire.unpack(body_raw, max_size=MAX_SIGNED, what="signed audit document")
-    what = "signed audit document"
-    found = wire.field(body, "kind", str, what=what)
-    if found not in (HEAD_KIND, HISTORY_KIND) or (kind and found != kind):
-        raise RemoteProtocolError(f"{what}: expected {kind or 'a head or a history'}, got {found[:40]!r}")
-    if wire.field(body, "v", int, what=what) != 1:
-        raise RemoteProtocolError(f"{what}: unknown version")
-    key = wire.field(body, "sign_key", bytes, what=what, size=32)
-    if node_id_for(key) != wire.field(body, "practice", str, what=what):
-        raise InvalidSignature(f"{what}: the practice's node ID does not match its key")
-    if practice is not None and body["practice"] != practice:
-        raise InvalidSignature(f"{what}: signed by {body['practice']}, not by the practice {practice}")
-    crypto.verify(key, found, body_raw, sig)
-    wire.field(body, "seq", int, what=what)
-    wire.field(body, "hash", bytes, what=what, size=32)
-    return body
 
 
 def verify_against_head(db: sqlite_utils.Database, signed: bytes, *, practice: str | None = None) -> tuple[bool, str]:

@@ -9,6 +9,7 @@ the patient can be searched through a keyed blind index.
 from __future__ import annotations
 
 import unicodedata
+from typing import Sequence
 
 import nacl.exceptions
 import nacl.secret
@@ -18,8 +19,13 @@ from ..core import crypto, wire
 from ..core.errors import AlreadyExists, CorruptStore, NotFound, ProtocolError, UsageError
 from ..core.identity import Descriptor
 from . import audit
-from ..sync.stream import Ack, RecipientStream
+from ..sync.messages import MAX_REFUSED, Ack
+from ..sync.outbox import DELIVERED, PENDING, QUEUED, REFUSED, SETTLED
+from ..sync.session import settle
 from .db import transaction
+
+_PENDING = "('" + "', '".join(PENDING) + "')"      # for SQL: the states still to be sent
+_SETTLED = "('" + "', '".join(SETTLED) + "')"
 
 # --- encrypted metadata ------------------------------------------------------
 
@@ -146,7 +152,7 @@ RECORD_FIELDS = ("id", "direction", "kind", "sender", "thread", "reply_to", "cre
 _INSERT = f"INSERT INTO records ({', '.join(RECORD_FIELDS)}) VALUES ({', '.join('?' * len(RECORD_FIELDS))})"
 
 
-def insert_record(db: sqlite_utils.Database, row: dict, *, recipients: list[str] = (), now: int,
+def insert_record(db: sqlite_utils.Database, row: dict, *, recipients: Sequence[str] = (), now: int,
                   event: str, peer: str | None = None) -> bool:
     """Store a record (and queue it for `recipients`) in one transaction.
 
@@ -160,7 +166,7 @@ def insert_record(db: sqlite_utils.Database, row: dict, *, recipients: list[str]
             seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM deliveries WHERE recipient = ?",
                                (to,)).fetchone()[0]
             conn.execute("INSERT INTO deliveries (record_id, recipient, seq, state, next_try, updated) "
-                         "VALUES (?, ?, ?, 'queued', ?, ?)", (row["id"], to, seq, now, now))
+                         "VALUES (?, ?, ?, ?, ?, ?)", (row["id"], to, seq, QUEUED, now, now))
         return True
 
 
@@ -190,8 +196,9 @@ def _insert(conn, row: dict, *, now: int, event: str, peer: str | None, db) -> b
                          (row["seq"], row["id"], row["sender"], row["seq"]))
         return False
     if row.get("seq") is not None and conn.execute(
-            "SELECT 1 FROM records WHERE direction = 'in' AND sender = ? AND seq = ?",
-            (row["sender"], row["seq"])).fetchone():
+            "SELECT 1 FROM records WHERE direction = 'in' AND sender = ? AND seq = ? UNION ALL "
+            "SELECT 1 FROM refused_in WHERE sender = ? AND seq = ?",
+            (row["sender"], row["seq"], row["sender"], row["seq"])).fetchone():
         row = dict(row, seq=None)          # a sender reusing a number: keep the record, not the claim
     conn.execute(_INSERT, [row.get(f) for f in RECORD_FIELDS])
     audit.append(db, at=now, event=event, record=row["id"], peer=peer)
@@ -199,19 +206,34 @@ def _insert(conn, row: dict, *, now: int, event: str, peer: str | None, db) -> b
 
 
 def _settle_stream(conn, sender: str) -> Ack:
+    """Move the cursor over closed gaps (committed or refused seqs), in the caller's transaction."""
     row = conn.execute("SELECT cursor FROM streams_in WHERE sender = ?", (sender,)).fetchone()
-    stream = RecipientStream(cursor=row[0] if row else 0)
-    stream.above = {s for (s,) in conn.execute(
-        "SELECT seq FROM records WHERE direction = 'in' AND sender = ? AND seq > ?", (sender, stream.cursor))}
-    ack = stream.committed(stream.cursor)
+    cursor = row[0] if row else 0
+    have = {s for (s,) in conn.execute(
+        "SELECT seq FROM records WHERE direction = 'in' AND sender = ? AND seq > ?", (sender, cursor))}
+    refused = {s: r for s, r in conn.execute(
+        "SELECT seq, reason FROM refused_in WHERE sender = ? ORDER BY seq DESC LIMIT ?", (sender, MAX_REFUSED))}
+    cursor, above = settle(cursor, have | set(refused))
     conn.execute("INSERT INTO streams_in (sender, cursor) VALUES (?, ?) "
-                 "ON CONFLICT (sender) DO UPDATE SET cursor = excluded.cursor", (sender, ack.upto))
-    return ack
+                 "ON CONFLICT (sender) DO UPDATE SET cursor = excluded.cursor", (sender, cursor))
+    return Ack(upto=cursor, have=tuple(s for s in above if s in have), refused=tuple(sorted(refused.items())))
 
 
 def stream_in(db: sqlite_utils.Database, sender: str) -> Ack:
-    """Where this node stands in `sender`'s stream: its cursor and what it has above it."""
+    """Where this node stands in `sender`'s stream: its cursor, what is above it, its refusals."""
     with transaction(db) as conn:
+        return _settle_stream(conn, sender)
+
+
+def refuse_received(db: sqlite_utils.Database, sender: str, seq: int, record_id: str, reason: str, *,
+                    now: int) -> Ack:
+    """Remember for good that `seq` of `sender`'s stream was refused, so the cursor moves past it."""
+    with transaction(db) as conn:
+        taken = conn.execute("SELECT 1 FROM records WHERE direction = 'in' AND sender = ? AND seq = ?",
+                             (sender, seq)).fetchone()
+        if not taken:                      # a number a stored record holds is never refused
+            conn.execute("INSERT OR IGNORE INTO refused_in (sender, seq, record_id, reason, at) VALUES (?,?,?,?,?)",
+                         (sender, seq, record_id, reason, now))
         return _settle_stream(conn, sender)
 
 
@@ -235,6 +257,12 @@ def get_record(db: sqlite_utils.Database, ref: str) -> dict:
 
 def has_record(db: sqlite_utils.Database, record_id: str) -> bool:
     return db.conn.execute("SELECT 1 FROM records WHERE id = ?", (record_id,)).fetchone() is not None
+
+
+def refused_from(db: sqlite_utils.Database, sender: str, seq: int) -> str | None:
+    """The reason `seq` of `sender`'s stream was refused for good, if it was."""
+    row = db.conn.execute("SELECT reason FROM refused_in WHERE sender = ? AND seq = ?", (sender, seq)).fetchone()
+    return row[0] if row else None
 
 
 def stored_from(db: sqlite_utils.Database, record_id: str) -> tuple[str, bytes] | None:
@@ -290,14 +318,14 @@ def deliveries(db: sqlite_utils.Database, record_id: str | None = None, state: s
 
 def due(db: sqlite_utils.Database, now: int, limit: int = 2000) -> list[dict]:
     return list(db.query("SELECT d.*, r.created, r.body_size FROM deliveries d JOIN records r ON r.id = d.record_id "
-                         "WHERE d.state IN ('queued', 'sending') AND d.next_try <= ? "
+                         f"WHERE d.state IN {_PENDING} AND d.next_try <= ? "
                          "ORDER BY d.recipient, d.seq LIMIT ?", [now, limit]))
 
 
 def pending_for(db: sqlite_utils.Database, recipient: str) -> dict[int, str]:
     """The sender's open stream to `recipient`: seq -> record ID, not yet delivered."""
     return {seq: rid for seq, rid in db.conn.execute(
-        "SELECT seq, record_id FROM deliveries WHERE recipient = ? AND state != 'delivered'", (recipient,))}
+        f"SELECT seq, record_id FROM deliveries WHERE recipient = ? AND state IN {_PENDING}", (recipient,))}
 
 
 def last_seq(db: sqlite_utils.Database, recipient: str) -> int:
@@ -326,16 +354,45 @@ def retire(db: sqlite_utils.Database, recipient: str, seqs: list[int], *, now: i
     with transaction(db) as conn:
         for seq in seqs:
             row = conn.execute("SELECT record_id FROM deliveries WHERE recipient = ? AND seq = ? "
-                               "AND state != 'delivered'", (recipient, seq)).fetchone()
+                               f"AND state IN {_PENDING}", (recipient, seq)).fetchone()
             if row is None:
                 continue
-            conn.execute("UPDATE deliveries SET state = 'delivered', delivered = ?, updated = ?, last_error = NULL, "
+            conn.execute("UPDATE deliveries SET state = ?, delivered = ?, updated = ?, last_error = NULL, "
                          "sent_bytes = (SELECT body_size FROM records WHERE id = ?), "
                          "receipt = COALESCE(?, receipt) WHERE recipient = ? AND seq = ?",
-                         (now, now, row[0], (receipts or {}).get(seq), recipient, seq))
+                         (DELIVERED, now, now, row[0], (receipts or {}).get(seq), recipient, seq))
             audit.append(db, at=now, event="delivered", record=row[0], peer=recipient)
             done.append(row[0])
     return done
+
+
+def refuse(db: sqlite_utils.Database, recipient: str, seq: int, *, reason: str, now: int) -> str | None:
+    """The recipient refused this delivery for good: state refused, the reason kept; returns its record ID."""
+    with transaction(db) as conn:
+        row = conn.execute(f"SELECT record_id FROM deliveries WHERE recipient = ? AND seq = ? AND state IN {_PENDING}",
+                           (recipient, seq)).fetchone()
+        if row is None:
+            return None
+        conn.execute("UPDATE deliveries SET state = ?, refused = ?, updated = ?, last_error = ? "
+                     "WHERE recipient = ? AND seq = ?", (REFUSED, now, now, reason[:300], recipient, seq))
+        audit.append(db, at=now, event="delivery-refused", record=row[0], peer=recipient, detail=reason[:200])
+        return row[0]
+
+
+def stream_out(db: sqlite_utils.Database, since_updated: int | None = None) -> list[dict]:
+    """Deliveries for the sender's sessions: every pending one (at start), or every one changed
+    since `since_updated` (to stay in step with other processes)."""
+    cols = ("SELECT d.recipient, d.seq, d.record_id, d.state, d.attempts, d.next_try, d.stale, d.updated, "
+            "r.created, r.body_size FROM deliveries d JOIN records r ON r.id = d.record_id ")
+    if since_updated is None:
+        return list(db.query(cols + f"WHERE d.state IN {_PENDING}"))
+    return list(db.query(cols + "WHERE d.updated >= ?", [since_updated]))
+
+
+def last_seqs(db: sqlite_utils.Database) -> dict[str, tuple[int, int]]:
+    """Per recipient: the highest seq ever given out, and the latest `updated` of its deliveries."""
+    return {r: (s, u) for r, s, u in db.conn.execute(
+        "SELECT recipient, MAX(seq), MAX(updated) FROM deliveries GROUP BY recipient")}
 
 
 def mark_opened_by(db: sqlite_utils.Database, record_id: str, recipient: str, *, at: int, receipt: bytes,
@@ -368,7 +425,7 @@ def receipts_sent(db: sqlite_utils.Database, keys: list[tuple[str, str, str]], n
 
 
 def next_due(db: sqlite_utils.Database) -> int | None:
-    row = db.conn.execute("SELECT MIN(next_try) FROM deliveries WHERE state IN ('queued', 'sending')").fetchone()
+    row = db.conn.execute(f"SELECT MIN(next_try) FROM deliveries WHERE state IN {_PENDING}").fetchone()
     return row[0]
 
 
@@ -376,7 +433,7 @@ def update_delivery(db: sqlite_utils.Database, record_id: str, recipient: str, *
                     event: str | None = None, unless_delivered: bool = False, **fields) -> None:
     fields["updated"] = now
     cols = ", ".join(f"{k} = ?" for k in fields)
-    guard = " AND state != 'delivered'" if unless_delivered else ""
+    guard = f" AND state NOT IN {_SETTLED}" if unless_delivered else ""
     with transaction(db):
         db.conn.execute(f"UPDATE deliveries SET {cols} WHERE record_id = ? AND recipient = ?{guard}",
                         [*fields.values(), record_id, recipient])

@@ -9,6 +9,10 @@ is not allowed in the current state is a LocalProtocolError, i.e. a bug.
        ^  |                       |
        |  +--RecordAcked (a small record, batched)--------> delivered
        +------AttemptFailed-------+   (and queued --AttemptFailed--> queued)
+    queued, sending --RecordRefused--> refused   (the recipient refused it for good: no more tries)
+
+Every write of a delivery's state goes through `transition`; node/store/records.py
+uses the state names below rather than string literals.
 """
 
 from __future__ import annotations
@@ -17,13 +21,17 @@ from dataclasses import dataclass
 
 from ..core.errors import LocalProtocolError
 
-QUEUED, SENDING, DELIVERED = "queued", "sending", "delivered"
+QUEUED, SENDING, DELIVERED, REFUSED = "queued", "sending", "delivered", "refused"
 ATTEMPT_STARTED, RECORD_ACKED, ATTEMPT_FAILED = "AttemptStarted", "RecordAcked", "AttemptFailed"
+RECORD_REFUSED = "RecordRefused"
+PENDING = (QUEUED, SENDING)          # still to be sent
+SETTLED = (DELIVERED, REFUSED)       # final: never sent again
 
 TRANSITIONS: dict[str, dict[str, str]] = {
-    QUEUED: {ATTEMPT_STARTED: SENDING, RECORD_ACKED: DELIVERED, ATTEMPT_FAILED: QUEUED},
-    SENDING: {RECORD_ACKED: DELIVERED, ATTEMPT_FAILED: QUEUED, ATTEMPT_STARTED: SENDING},
+    QUEUED: {ATTEMPT_STARTED: SENDING, RECORD_ACKED: DELIVERED, ATTEMPT_FAILED: QUEUED, RECORD_REFUSED: REFUSED},
+    SENDING: {RECORD_ACKED: DELIVERED, ATTEMPT_FAILED: QUEUED, ATTEMPT_STARTED: SENDING, RECORD_REFUSED: REFUSED},
     DELIVERED: {RECORD_ACKED: DELIVERED},
+    REFUSED: {RECORD_REFUSED: REFUSED},
 }
 
 BASE_DELAY_MS = 2_000

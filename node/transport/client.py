@@ -160,10 +160,10 @@ class Client:
         offset = 0
         if body_size > RESUME_PROBE:
             # Ask first, so an interrupted upload resumes instead of starting again.
-            status = await self.record_status(address, peer, record_id)
-            if status.get("stored"):
-                return status | {"status": "duplicate"}
-            offset = status.get("have", 0) if isinstance(status.get("have"), int) else 0
+            probe = await self.record_status(address, peer, record_id)
+            if probe.get("stored"):
+                return probe | {"status": "duplicate"}
+            offset = probe.get("have", 0) if isinstance(probe.get("have"), int) else 0
         for _ in range(3):
             status, answer = await self._put(address, peer, record_id, head_raw, offset, read_from, progress, seq)
             if status == 409 and isinstance(answer.get("have"), int) and 0 <= answer["have"] <= body_size:

@@ -276,6 +276,7 @@ class Lan:
             self._info = new
             await self._zc.async_register_service(new, allow_name_change=True)
         elif new is not None:
+            assert self._info is not None        # the branch above took the case of none held
             new.name = self._info.name           # the name we hold (renamed if someone squatted on it)
             self._info = new
             await self._zc.async_update_service(new)
@@ -283,6 +284,7 @@ class Lan:
 
     async def _watch(self) -> None:
         while True:
+            assert self.watch is not None        # the watcher only runs when watch is set
             await asyncio.sleep(self.watch)
             try:
                 bind = await asyncio.to_thread(interface_addresses, self.interfaces)
@@ -334,7 +336,11 @@ class Lan:
             return
         task = asyncio.get_running_loop().create_task(self._resolve_loop(name))
         self._resolving[name] = task
-        task.add_done_callback(lambda t, n=name: (self._resolving.pop(n, None), self._task_failed(t, "resolving")))
+
+        def resolved(t: asyncio.Task, n: str = name) -> None:
+            self._resolving.pop(n, None)
+            self._task_failed(t, "resolving")
+        task.add_done_callback(resolved)
 
     async def _resolve_loop(self, name: str) -> None:
         while True:
@@ -420,7 +426,11 @@ class Lan:
             if inspect.isawaitable(result):
                 task = asyncio.ensure_future(result)
                 self._tasks.add(task)
-                task.add_done_callback(lambda t: (self._tasks.discard(t), self._task_failed(t, "hint callback")))
+                task.add_done_callback(self._hint_done)
+
+    def _hint_done(self, t: asyncio.Task) -> None:
+        self._tasks.discard(t)
+        self._task_failed(t, "hint callback")
 
     @staticmethod
     def _task_failed(task: asyncio.Task, what: str) -> None:

@@ -1,0 +1,81 @@
+"""Nothing blocks the event loop for more than 50 ms during an end-to-end exchange.
+
+Two practices run in one event loop (so a block in either is seen), in
+asyncio's debug mode, whose slow-callback report names every step that held
+the loop longer than `slow_callback_duration` (python-zeroconf guards its
+loop the same way). The exchange covers what used to run on the loop: a
+large attachment sealed and received (file writes, fsyncs, flock), a batch of
+hundreds of small records (signing their receipts, hashing the batch), a
+pull, receipts, a reply and an export.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from conftest import PASSPHRASE
+from node import Node
+
+LIMIT = 0.05
+
+
+class SlowCallbacks(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.found: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if "took" in text and "seconds" in text and text.startswith("Executing"):
+            self.found.append(text)
+
+
+async def _practice(tmp_path, name: str) -> Node:
+    await Node.init(tmp_path / name, PASSPHRASE, name=name, listen="127.0.0.1:0", lan=False)
+    return await Node.open_node(tmp_path / name, passphrase=PASSPHRASE)
+
+
+async def test_an_exchange_never_blocks_the_loop_for_more_than_50_ms(tmp_path):
+    # Keys are derived (Argon2id, deliberately slow) before the watch starts: unlocking is not an exchange.
+    a, b = await _practice(tmp_path, "A"), await _practice(tmp_path, "B")
+    letter = tmp_path / "letter.txt"
+    letter.write_text("Dear colleague, please see this patient.\n")
+    scan = tmp_path / "scan.bin"
+    scan.write_bytes(os.urandom(24 << 20))      # the test's own files are made before the watch starts
+    loop = asyncio.get_running_loop()
+    watch = SlowCallbacks()
+    logging.getLogger("asyncio").addHandler(watch)
+    old_debug, old_limit = loop.get_debug(), loop.slow_callback_duration
+    loop.set_debug(True)
+    loop.slow_callback_duration = LIMIT
+    try:
+        await a.serve("127.0.0.1:0")
+        await b.serve("127.0.0.1:0", pull_interval=3600)
+        await a.add_contact(b.descriptor.signed)
+        await b.add_contact(a.descriptor.signed)
+        big = await a.send_referral(to="B", patient="Jeanne Martin", born="1961-04-02", subject="Scan",
+                                    letter=letter, attachments=[scan])
+        assert big.deliveries[b.node_id] == "delivered", big.errors
+        for i in range(300):           # queued, then pushed as batches by one delivery round
+            await a.send_referral(to="B", patient=f"Patient {i}", letter=letter, deliver=False)
+        await a.deliver_pending()             # the running courier may hold part of it: wait for all
+        deadline = loop.time() + 60
+        while len(await b.inbox()) < 301 and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        assert len(await b.inbox()) == 301
+        opened = await b.read(big.record_id)
+        assert opened.summary.subject == "Scan"
+        out = await b.export(big.record_id, tmp_path / "out")
+        answer = await b.reply(big.record_id, letter=letter)
+        assert answer.deliveries[a.node_id] == "delivered", answer.errors
+        await a.puller.pull_from(await a.contact("B"))
+    finally:
+        loop.slow_callback_duration = old_limit
+        loop.set_debug(old_debug)
+        logging.getLogger("asyncio").removeHandler(watch)
+        await a.close()
+        await b.close()
+    assert out[0].stat().st_size == 24 << 20
+    assert watch.found == [], "the event loop was blocked:\n" + "\n".join(watch.found)
