@@ -83,6 +83,14 @@ class PeerSeen(Event):
     verified: bool
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SignInFailed(Event):
+    """A wrong account name or password at the local API's sign-in (the account name only)."""
+
+    account: str
+    retry_after_ms: int        # how long this account and source are now made to wait
+
+
 class Subscription:
     """One reader's bounded queue of events."""
 
