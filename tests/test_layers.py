@@ -1,4 +1,4 @@
-"""The import graph of node/ and bootstrap/: no cycles, no arrow pointing up the layers.
+"""The import graph of node/, bootstrap/ and relay/: no cycles, no arrow pointing up the layers.
 
 Layers, bottom to top (docs/architecture.md); a module imports its own layer and lower ones only:
 
@@ -9,7 +9,8 @@ Layers, bottom to top (docs/architecture.md); a module imports its own layer and
     node.sync.*                               pure (no I/O library)
     node.core.*                               pure (no I/O library)
 
-bootstrap/ is a separate program on top of node.core.* and imports nothing else of node/.
+bootstrap/ and relay/ are separate programs on top of node.core.* and import nothing else of node/
+(nor each other).
 Every import counts: inside functions, under `if TYPE_CHECKING:`, relative ones, and
 `importlib.import_module("...")` with a literal name. The checker runs on any copy of the
 tree, so the probes below show each rule catching its violation without touching the source.
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ("node", "bootstrap")
+FOLDERS = ("node", "bootstrap", "relay")
 
 IO_LIBS = ("asyncio", "aiohttp", "sqlite3", "sqlite_utils", "zeroconf", "socket", "socketserver", "ssl",
            "select", "selectors", "threading", "_thread", "concurrent", "multiprocessing", "subprocess",
@@ -34,7 +35,7 @@ IO_LIBS = ("asyncio", "aiohttp", "sqlite3", "sqlite_utils", "zeroconf", "socket"
 # (prefix, layer); the longest matching prefix wins. A prefix "p" matches p and p.*.
 LAYERS = (("node.core", "core"), ("node.logsetup", "core"), ("node.sync", "sync"), ("node.store", "store"), ("node.config", "store"),
           ("node.transport", "transport"), ("node.app", "services"), ("node.node", "facade"),
-          ("node.__main__", "faces"), ("node.faces", "faces"), ("bootstrap", "bootstrap"))
+          ("node.__main__", "faces"), ("node.faces", "faces"), ("bootstrap", "bootstrap"), ("relay", "relay"))
 RANK = {"core": 0, "sync": 1, "store": 2, "transport": 2, "services": 3, "facade": 4, "faces": 5}
 PURE = {"core", "sync"}
 FACADE_FOR_FACES = {"node", "node.node"}
@@ -172,12 +173,14 @@ def _shortest_path_back(edges: dict[str, list[str]], start: str) -> list[str] | 
 def rule_for(src: str, target: str) -> str | None:
     """Why `src` may not import the project module `target`, or None when it may."""
     mine, theirs = layer_of(src), layer_of(target)
-    if mine == "bootstrap":
+    if mine in ("bootstrap", "relay"):
         if target.startswith("node") and theirs != "core":
-            return "bootstrap/ imports only node.core.* of node/"
+            return f"{mine}/ imports only node.core.* of node/"
+        if theirs in ("bootstrap", "relay") and theirs != mine:
+            return f"{mine}/ never imports {theirs}/"
         return None
-    if theirs == "bootstrap":
-        return "node/ never imports bootstrap/"
+    if theirs in ("bootstrap", "relay"):
+        return f"node/ never imports {theirs}/"
     if mine == "faces":
         if target in FACADE_FOR_FACES or theirs == "faces":
             return None
@@ -365,3 +368,15 @@ def test_probe_a_module_outside_every_layer(tmp_path):
 
 def test_the_probes_left_the_source_tree_alone():
     assert not [p for folder in FOLDERS for p in (ROOT / folder).rglob("_probe*")]
+
+
+def test_probe_relay_imports_only_the_core(tmp_path):
+    root = copy_of_tree(tmp_path)
+    found = new_violations(root, {
+        "relay/_probe_relay.py": "from node.core import errors\nfrom node.transport import client\n",
+        "node/app/_probe_relay_user.py": "import relay\n",
+    })
+    assert found == {
+        "relay/_probe_relay.py:2: relay._probe_relay imports node.transport.client: relay/ imports only node.core.* of node/",
+        "node/app/_probe_relay_user.py:1: node.app._probe_relay_user imports relay: node/ never imports relay/",
+    }

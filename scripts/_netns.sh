@@ -1,0 +1,14 @@
+# Sourced by scripts/test before the network-namespace tests (tests/test_mdns.py, tests/test_relay_nat.py):
+# installs what they need when it is missing. Needs root; quiet when everything is there.
+_netns_need=""
+command -v ip >/dev/null 2>&1 || _netns_need="$_netns_need iproute2"
+command -v iptables >/dev/null 2>&1 || command -v nft >/dev/null 2>&1 || _netns_need="$_netns_need iptables"
+command -v tcpdump >/dev/null 2>&1 || _netns_need="$_netns_need tcpdump"
+if [ -n "$_netns_need" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing for the namespace tests:$_netns_need" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null 2>&1 || true
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $_netns_need >/dev/null 2>&1 \
+        || echo "could not install$_netns_need: the namespace tests will say what is missing" >&2
+fi
+unset _netns_need
