@@ -85,6 +85,54 @@ def save_identity(folder: Path, passphrase: str, secrets: Secrets) -> None:
     write_atomic(folder / KEYFILE, wire.pack(outer))
 
 
+def write_secrets(folder: Path, passphrase: str, secrets: Secrets, profile: str | None = None) -> Secrets:
+    """Seal `secrets` under a (new) passphrase with a fresh salt, atomically; returns them with the new KEK.
+
+    `profile` is a KDF cost name; None keeps the current file's cost (or the
+    CABINET_KDF default when there is no file yet, as after a restore).
+    """
+    if len(passphrase) < MIN_PASSPHRASE:
+        raise UsageError(f"passphrase too short: use at least {MIN_PASSPHRASE} characters")
+    if profile is not None:
+        if profile not in PROFILES:
+            raise UsageError(f"unknown KDF cost {profile!r} (moderate, interactive)")
+        ops, mem = PROFILES[profile]
+    elif (folder / KEYFILE).exists():
+        outer = _read_outer(folder)
+        ops, mem = outer["ops"], outer["mem"]
+    else:
+        ops, mem = PROFILES.get(os.environ.get("CABINET_KDF", "moderate"), PROFILES["moderate"])
+    salt = nacl.utils.random(nacl.pwhash.argon2id.SALTBYTES)
+    key = _derive(passphrase, salt, ops, mem)
+    inner = secrets.identity.secrets() | {"storage": secrets.storage_key, "index": secrets.index_key}
+    box = nacl.secret.SecretBox(key).encrypt(wire.pack(inner))
+    write_atomic(folder / KEYFILE, wire.pack({"v": 1, "kdf": "argon2id13", "ops": ops, "mem": mem,
+                                              "salt": salt, "box": bytes(box)}))
+    return Secrets(secrets.identity, secrets.storage_key, secrets.index_key, key)
+
+
+def change_passphrase(folder: Path, old: str, new: str, profile: str | None = None) -> None:
+    """Re-wrap the same keys under a new passphrase (and KDF cost); nothing else changes.
+
+    The old passphrase must open the file first; the new file replaces the old
+    one atomically (a crash leaves one or the other, never a mix).
+    """
+    if len(new) < MIN_PASSPHRASE:
+        raise UsageError(f"new passphrase too short: use at least {MIN_PASSPHRASE} characters")
+    secrets = open_(folder, old)
+    write_secrets(folder, new, secrets, profile)
+
+
+def kdf_cost(folder: Path) -> tuple[int, int]:
+    """The key file's Argon2id (opslimit, memlimit): a backup wraps its key at the same cost."""
+    outer = _read_outer(folder)
+    return outer["ops"], outer["mem"]
+
+
+def derive(passphrase: str, salt: bytes, ops: int, mem: int) -> bytes:
+    return _derive(passphrase, salt, ops, mem)
+
+
 def _read_outer(folder: Path) -> dict:
     path = folder / KEYFILE
     try:
