@@ -28,12 +28,12 @@ from typing import Any, Callable, Iterable, TypeVar
 import sqlite_utils
 
 from node.core import directory as codec
-from node.core.directory import SEARCH_LIMIT, SYNC_MAX_ITEMS, normalise
+from node.core.directory import SEARCH_LIMIT, SYNC_MAX_ITEMS, normalise, specialty_terms
 from node.core.errors import CabinetError, CorruptStore, RemoteProtocolError, StoreError, UsageError
 from node.core.identity import Descriptor
 
 DBFILE = "bootstrap.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2                   # 2: specialties indexed under their usual forms (1 is migrated)
 MAX_EXPIRY_MS = 400 * 86_400_000     # a descriptor may not claim to be valid for longer than this
 PURGE_AFTER_MS = 30 * 86_400_000     # expired descriptors are reduced to a tombstone this long after expiry
 SYNC_MAX_BYTES = 1 << 20
@@ -95,7 +95,28 @@ def match_expression(query: str) -> str:
 
 
 def _search_text(d: Descriptor) -> str:
-    return normalise(" ".join((d.name, d.specialty, d.city, d.rpps)))
+    return search_text(d.name, d.specialty, d.city, d.rpps)
+
+
+def search_text(name: str, specialty: str, city: str, rpps: str) -> str:
+    """What the index holds for a descriptor: its fields normalised, the specialty under all its usual forms."""
+    return " ".join(t for t in (normalise(name), specialty_terms(specialty), normalise(city), normalise(rpps)) if t)
+
+
+def _reindex(conn: sqlite3.Connection) -> None:
+    """Schema 1 -> 2: rebuild the search text of every live row (tombstones have none)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        rows = conn.execute("SELECT id, name, specialty, city, rpps FROM descriptors WHERE raw != x''").fetchall()
+        for rowid, name, specialty, city, rpps in rows:
+            conn.execute("DELETE FROM descriptors_fts WHERE rowid = ?", (rowid,))
+            conn.execute("INSERT INTO descriptors_fts (rowid, text) VALUES (?, ?)",
+                         (rowid, search_text(name, specialty, city, rpps)))
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA_VERSION,))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 # --- schema -------------------------------------------------------------------------
@@ -117,6 +138,8 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite_utils.Database:
         if version is None:
             conn.execute("INSERT INTO meta (key, value) VALUES ('schema', ?), ('db_id', ?)",
                          (SCHEMA_VERSION, os.urandom(16)))
+        elif version[0] == 1:
+            _reindex(conn)
         elif version[0] != SCHEMA_VERSION:
             raise CorruptStore(f"bootstrap database schema {version[0]} is not supported by this version")
         return sqlite_utils.Database(conn)

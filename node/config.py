@@ -40,8 +40,14 @@ class Config:
     listen: str = DEFAULT_LISTEN
     advertise: list[str] = field(default_factory=list)
     bootstraps: list[str] = field(default_factory=list)
+    relays: list[str] = field(default_factory=list)    # relay+tcp://host:port: blind relays (docs/relay.md)
     lan: bool = True                       # announce and browse on the LAN (mDNS) when not on loopback
     descriptor_seq: int = 1
+    # Incoming data (docs/storage.md, "Quotas"): bytes in flight or partial per contact, free space
+    # incoming data never uses (0: 5% of the disk, between 64 MiB and 1 GiB), partial bodies' lifetime.
+    incoming_quota_mib: int = 2048
+    disk_reserve_mib: int = 0
+    partial_expiry_hours: int = 72
 
     def save(self, folder: Path) -> None:
         from .store.keyfile import write_atomic
@@ -58,14 +64,21 @@ class Config:
             raise CorruptStore(f"{folder / CONFIG} is damaged") from None
 
     def addresses(self, port: int | None = None) -> tuple[str, ...]:
+        """The node's addresses for its descriptor: https://, since a node serves only TLS
+        (an http:// given to --advertise before TLS is announced as https:// on the same port)."""
+        return self._direct(port) + tuple(r for r in self.relays if r not in self.advertise)
+
+    def _direct(self, port: int | None) -> tuple[str, ...]:
         if self.advertise:
-            return tuple(self.advertise)
+            return tuple("https://" + a[len("http://"):] if a.startswith("http://") else a for a in self.advertise)
         host, configured = parse_listen(self.listen)
         if host in ("0.0.0.0", "::", ""):
             return ()
+        if self.relays and (host == "localhost" or host.startswith("127.") or host == "::1"):
+            return ()        # reached through its relays: a loopback address would only send callers home
         host = f"[{host}]" if ":" in host else host
         port = port or configured
-        return (f"http://{host}:{port}",) if port else ()      # port 0: not known until listening
+        return (f"https://{host}:{port}",) if port else ()      # port 0: not known until listening
 
 
 def prepare_folder(folder: Path, *, create: bool) -> Path:

@@ -13,47 +13,63 @@ the layers below is re-exported here.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import fcntl
 import logging
 import os
 import random
+import shutil
 from pathlib import Path
-from typing import AsyncIterator, Iterable, Sequence
+from typing import AsyncGenerator, AsyncIterator, Iterable, Sequence
 
-from .app.contacts import Contacts, OwnDescriptor, check_url, contact_state
+from .app import backup
+from .app.accounts import ROLES, SCOPES, AccountService, Principal, TooManyAttempts
+from .app.backup import Report as BackupReport
+from .app.contacts import Contacts, OwnDescriptor, check_relay, check_url, contact_state, looks_like_node_id
 from .app.courier import Courier, Puller
 from .app.discovery import Discovery
 from .app.events import (AuditAppended, DeliveryChanged, Event, EventBus, KeyChanged, PeerSeen, RecordOpened,
-                         RecordReceived, RecordStored, Refusal, Subscription)
+                         RecordReceived, RecordStored, Refusal, SignInFailed, Subscription)
 from .app.handler import NodeHandler
 from .app.intake import Intake
 from .app.loop import Loop
 from .app.patients import PatientEndpoints, PatientService
 from .app.ports import Ports, wall_clock
-from .app.records import Records, RecordView, SendResult, Summary, check_born, safe_name
+from .app.reachability import Reachability
+from .app.records import EarlierCopy, Records, RecordView, SendResult, Summary, check_born, safe_name
 from .app.serving import DeliveryEndpoints
 from .config import Config, default_data_dir, parse_listen, prepare_folder
 from .core import card as cards
 from .core import consent
 from .core.card import Card
 from .core.directory import Found
-from .core.errors import AlreadyExists, CabinetError, NotFound, UsageError
-from .core.identity import Descriptor, normalize_node_id, valid_address
-from .store import keyfile, records
-from .store.patients import ANY as ANY_REQUESTER
+from .core.envelope import MAX_ATTACHMENT, MAX_ATTACHMENTS, Attachment
+from .core.errors import (AlreadyExists, AuthenticationFailed, CabinetError, InvalidEnvelope, NotFound, StoreError,
+                          TooLarge, UsageError)
+from .core.identity import DESCRIPTOR_PREFIX, Descriptor, normalize_node_id, valid_address
+from .logsetup import clean as clean_for_log
 from .logsetup import setup as setup_logging
+from .store import backup as backup_store
+from .store import keyfile, records
 from .store.blobs import BlobStore
+from .store.patients import ANY as ANY_REQUESTER
 from .store.db import DBFILE, Store
 from .transport import access
 from .transport.client import Client, Peer
 from .transport.server import Server
+from .transport.tls import ServerTLS
 
+# What the faces (CLI, web app, local API) may use: they import nothing else of the project.
 __all__ = [
-    "Node", "Config", "CabinetError", "UsageError", "NotFound", "Summary", "RecordView", "SendResult", "Card",
-    "cards", "consent", "ANY_REQUESTER", "default_data_dir", "valid_address", "normalize_node_id", "now_ms",
-    "check_born", "safe_name", "contact_state", "Descriptor", "Found", "setup_logging", "Event", "EventBus", "Subscription", "RecordReceived", "RecordStored",
-    "DeliveryChanged", "RecordOpened", "Refusal", "AuditAppended", "KeyChanged", "PeerSeen",
+    "Node", "Config", "Summary", "RecordView", "SendResult", "EarlierCopy", "Card", "Descriptor", "Found",
+    "Attachment", "Principal", "BackupReport", "ROLES", "SCOPES", "ANY_REQUESTER", "MAX_ATTACHMENT",
+    "MAX_ATTACHMENTS", "cards", "consent", "default_data_dir", "parse_listen", "valid_address", "normalize_node_id",
+    "now_ms", "check_born", "safe_name", "contact_state", "setup_logging", "clean_for_log",
+    "CabinetError", "UsageError", "NotFound", "AlreadyExists", "AuthenticationFailed", "InvalidEnvelope",
+    "StoreError", "TooLarge", "TooManyAttempts",
+    "Event", "EventBus", "Subscription", "RecordReceived", "RecordStored", "DeliveryChanged", "RecordOpened",
+    "Refusal", "AuditAppended", "KeyChanged", "PeerSeen", "SignInFailed",
 ]
 
 log = logging.getLogger("cabinet.node")
@@ -74,12 +90,14 @@ class Node:
         self.contacts_service = Contacts(self.ports, self.own)
         self.discovery = Discovery(self.ports, self.contacts_service, self.own)
         self.contacts_service.resolve = self.discovery.resolve
+        self.reachability = Reachability(self.ports, self.contacts_service)
+        self.accounts = AccountService(self.ports)
         self.intake = Intake(self.ports)
-        self.courier = Courier(self.ports, locate=self.discovery.locate)
-        self.puller = Puller(self.ports, intake=self.intake, locate=self.discovery.locate)
+        self.courier = Courier(self.ports, locate=self.locate)
+        self.puller = Puller(self.ports, intake=self.intake, locate=self.locate)
         self.discovery.on_contact_seen = lambda node_id: self.courier.wake()
         self.records = Records(self.ports, self.contacts_service, self.courier)
-        self.patients = PatientService(self.ports, self.contacts_service, locate=self.discovery.locate,
+        self.patients = PatientService(self.ports, self.contacts_service, locate=self.locate,
                                        courier=self.courier, puller=self.puller,
                                        serving=lambda: self._lock_fd is not None)
         self.handler = NodeHandler(
@@ -97,7 +115,7 @@ class Node:
     @staticmethod
     async def init(folder: str | Path, passphrase: str, *, name: str, specialty: str = "", city: str = "",
                    rpps: str = "", listen: str | None = None, advertise: Sequence[str] = (),
-                   bootstraps: Sequence[str] = (), lan: bool = True) -> str:
+                   bootstraps: Sequence[str] = (), lan: bool = True, relays: Sequence[str] = ()) -> str:
         """Create a practice node in `folder`; returns its node ID."""
         folder = prepare_folder(Path(folder), create=True)
         if (folder / keyfile.KEYFILE).exists():
@@ -106,7 +124,8 @@ class Node:
             raise UsageError("the practitioner's display name must not be empty")
         cfg = Config(name=name.strip(), specialty=specialty, city=city, rpps=rpps,
                      advertise=[check_url(u) for u in advertise],
-                     bootstraps=[check_url(u, allow_path=True) for u in bootstraps], lan=lan)
+                     bootstraps=[check_url(u, allow_path=True) for u in bootstraps], lan=lan,
+                     relays=[check_relay(u) for u in relays])
         if listen:
             parse_listen(listen)
             cfg.listen = listen
@@ -133,7 +152,9 @@ class Node:
         return await asyncio.to_thread(cls, folder, secrets, config, store)
 
     async def close(self) -> None:
+        await self.reachability.close()
         await self._key_watch.stop()
+        await self.intake.sweeper.stop()
         await self.courier.stop()
         await self.puller.stop()
         await self.discovery.stop()
@@ -161,7 +182,8 @@ class Node:
         host, port = parse_listen(listen or self.config.listen)
         bound = 0
         if accept:
-            self._server = Server(self.handler, host, port, routes=[access.add_routes])
+            server_tls = await asyncio.to_thread(ServerTLS, self.ports.identity, self.ports.now())
+            self._server = Server(self.handler, host, port, routes=[access.add_routes], tls=server_tls)
             await self._server.start()
             bound = self.own.bound_port = self._server.port
             if listen and port and listen != self.config.listen:
@@ -174,7 +196,10 @@ class Node:
         self.courier.start()
         self.puller.start()
         self.discovery.start()
+        if self._server is not None:
+            self.reachability.start_registrations(self._server.port)     # config.relays, if any
         self._key_watch.start()
+        self.intake.sweeper.start()            # collects expired partial bodies, now and then hourly
         return host, bound
 
     def _take_run_lock(self) -> None:
@@ -243,6 +268,13 @@ class Node:
                 self.config.bootstraps.append(url)
         self.config.save(self.folder)
 
+    def use_relays(self, urls: Sequence[str]) -> None:
+        """Add blind relays to the configuration (kept for next time): reached through when nothing else works."""
+        for url in (check_relay(u) for u in urls):
+            if url not in self.config.relays:
+                self.config.relays.append(url)
+        self.config.save(self.folder)
+
     async def rotate_keys(self, passphrase: str) -> tuple[Descriptor, int]:
         """A fresh encryption key, signed by the identity key; old keys still open old records.
 
@@ -286,7 +318,12 @@ class Node:
         if stamp == self._key_stamp:
             return KEY_WATCH_EVERY
         self._key_stamp = stamp
-        secrets = await asyncio.to_thread(keyfile.reopen, self.folder, self._secrets.kek)
+        from .core.errors import WrongPassphrase
+        try:
+            secrets = await asyncio.to_thread(keyfile.reopen, self.folder, self._secrets.kek)
+        except WrongPassphrase:         # `cabinet keys passphrase` re-wrapped it: our derived key no longer opens it
+            log.warning("the passphrase was changed by another command; restart the node to take later key changes")
+            return KEY_WATCH_EVERY
         if secrets.identity.enc_public == self.ports.identity.enc_public:
             return KEY_WATCH_EVERY
         self._secrets = secrets
@@ -378,3 +415,125 @@ class Node:
 
     async def audit_verify(self) -> tuple[bool, int | None]:
         return await self.records.audit_verify()
+
+    async def earlier_copy(self, *, to: str | Iterable[str], patient: str, born: str = "", letter: str | Path = "",
+                           attachments: Sequence[str | Path] = ()) -> EarlierCopy | None:
+        """The same referral (recipients, patient, letter and files by content) sent in the last minutes."""
+        return await self.records.earlier_copy(to=[to] if isinstance(to, str) else list(to), patient=patient,
+                                               born=born, letter=letter, attachments=attachments)
+
+    # --- for the web app and local API ---------------------------------------------
+    # What node/faces/web/ and `cabinet user|token` need; each call names the account
+    # (or token) that acted in the audit log, beside the entry the service writes.
+
+    @property
+    def incoming(self) -> Path:
+        """Where the local API streams uploads before they are sealed (on the data folder's disk)."""
+        return self.ports.blobs.incoming
+
+    async def read_as(self, who: Principal, ref: str) -> RecordView:
+        view = await self.read(ref)
+        await self.accounts.audit(who, "read-by", record=view.summary.id)
+        return view
+
+    async def attachment_as(self, who: Principal, ref: str, index: int
+                            ) -> tuple[Attachment, AsyncGenerator[bytes, None]]:
+        """One attachment of a record, decrypted as it streams (each chunk authenticated before it is given)."""
+        attachment, pieces, record_id = await self.records.attachment(ref, index)
+        await self.accounts.audit(who, "download-by", record=record_id, attachment=index)
+        return attachment, pieces
+
+    async def send_as(self, who: Principal, **fields) -> SendResult:
+        """Seal and queue a referral; the courier delivers it in the background (answers at once)."""
+        result = await self.send_referral(deliver=False, **fields)
+        await self.accounts.audit(who, "sent-by", record=result.record_id)
+        self.courier.wake()
+        return result
+
+    async def reply_as(self, who: Principal, ref: str, **fields) -> SendResult:
+        result = await self.reply(ref, deliver=False, **fields)
+        await self.accounts.audit(who, "replied-by", record=result.record_id)
+        self.courier.wake()
+        return result
+
+    async def add_contact_as(self, who: Principal, source: str, *, name: str | None = None,
+                             expect_id: str | None = None) -> tuple[dict, str]:
+        """A node ID, a descriptor's text (even inside an e-mail) or an http(s) address; never a file path."""
+        source = source.strip()
+        if not (source.startswith(("http://", "https://")) or DESCRIPTOR_PREFIX in source
+                or looks_like_node_id(source)):
+            raise UsageError("give a node ID, a descriptor's text, or an http:// address with the node ID")
+        contact, status = await self.add_contact(source, name=name, expect_id=expect_id)
+        await self.accounts.audit(who, "contact-added-by", peer=contact["node_id"], status=status)
+        return contact, status
+
+    async def record_size(self, record_id: str) -> int | None:
+        rows = await self.store.call(lambda db: db.conn.execute(
+            "SELECT body_size FROM records WHERE id = ?", (record_id,)).fetchone())
+        return rows[0] if rows else None
+
+    async def status(self) -> dict:
+        """The node at a glance: identity, addresses, what waits to be delivered, disk space left."""
+        pending = [d for d in await self.outbox() if d["state"] in ("queued", "sending")]
+        usage = await asyncio.to_thread(shutil.disk_usage, self.folder)
+        return {"node_id": self.node_id, "name": self.config.name, "addresses": list(self.descriptor.addresses),
+                "queued": len(pending), "oldest_undelivered": min((d["created"] for d in pending), default=None),
+                "disk_free": usage.free, "serving": self._server is not None}
+
+    async def signed_audit_head(self) -> str:
+        """The audit chain's head signed by this practice, as the text `cabinet audit head` prints."""
+        raw = await self.patients.signed_head()
+        return "cabinet-audit-head:" + base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+    # --- backup and restore ---
+    # node/app/backup.py does the work (blocking, in a worker thread); docs/backup.md.
+
+    async def backup(self, dest: str | Path, passphrase: str, *, part_max: int | None = None) -> BackupReport:
+        """Write or bring up to date the encrypted backup of this node in `dest` (while it runs)."""
+        await asyncio.to_thread(keyfile.open_, self.folder, passphrase)          # the node's passphrase
+        report = await asyncio.to_thread(backup.make, self.ports, Path(dest), passphrase,
+                                         part_max=part_max or backup.PART_MAX)
+        await self._audit("backup-made", detail=f"{report.files} files, {report.blobs_copied} new")
+        return report
+
+    @staticmethod
+    async def check_backup(src: str | Path, *, passphrase: str | None = None,
+                           recovery_code: str | None = None) -> dict:
+        """Verify a backup without restoring it (hashes, signature, the database's integrity)."""
+        return await asyncio.to_thread(backup.check, Path(src), passphrase=passphrase, recovery_code=recovery_code)
+
+    @staticmethod
+    async def restore(src: str | Path, data: str | Path, *, passphrase: str | None = None,
+                      recovery_code: str | None = None, new_passphrase: str | None = None) -> dict:
+        """Rebuild a node in `data` (which must not hold one) from a backup; nothing is left on failure."""
+        return await asyncio.to_thread(backup.restore, Path(src), Path(data), now=wall_clock(),
+                                       passphrase=passphrase, recovery_code=recovery_code,
+                                       new_passphrase=new_passphrase)
+
+    @staticmethod
+    async def change_passphrase(folder: str | Path, old: str, new: str, *, kdf: str | None = None) -> None:
+        """Re-wrap the key file under a new passphrase (and KDF cost); nothing else changes."""
+        folder = prepare_folder(Path(folder), create=False)
+        await asyncio.to_thread(keyfile.change_passphrase, folder, old, new, kdf)
+
+    async def sent_after_backup(self) -> list[dict]:
+        """After a restore: per recipient, how many records the lost node sent after the backup."""
+        return await self.store.call(backup_store.sent_after_backup)
+
+    async def restores(self) -> list[dict]:
+        return await self.store.call(backup_store.restores)
+
+
+    # --- relays ---------------------------------------------------------------------
+
+    def locate(self, contact: dict) -> Peer:
+        """Where to reach a contact: LAN, its descriptor's addresses, then its relays (as local tunnels)."""
+        return self.reachability.peer(self.discovery.locate(contact))
+
+    async def start_relays(self) -> None:
+        """Register at config.relays (serve() does it; again is harmless)."""
+        if self._server is not None:
+            self.reachability.start_registrations(self._server.port)
+
+    async def stop_relays(self) -> None:
+        await self.reachability.close()

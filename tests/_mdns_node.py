@@ -1,6 +1,6 @@
 """A practice node on the LAN, driven by tests/test_mdns.py inside a network namespace.
 
-    python tests/_mdns_node.py --data DIR --name NAME --port PORT --iface lan0 [--announce-as NODE_ID] [--watch S]
+    python tests/_mdns_node.py --data DIR --name NAME --port PORT --iface lan0 [--announce-as NODE_ID] [--watch S] [--tls]
 
 Creates the node in DIR if needed (Node.init), serves its real HTTP server
 (node.transport.server with the node's own handler) on 0.0.0.0:PORT, so it
@@ -9,6 +9,9 @@ to the interface. With --announce-as it plays the impostor: it announces
 another node's ID over mDNS while its HTTP server serves its own descriptor.
 --watch S makes the Lan compare the interface's addresses every S seconds
 (off by default here, so that only an explicit "update" re-announces).
+--tls serves TLS 1.3 with the node's identity-bound certificate (as `cabinet run`
+does) and announces `tls=1`, so hints are https:// addresses; without it the
+server speaks plain HTTP and hints are http:// (an announcement from before TLS).
 
 stdout: one JSON object per line ({"event": "ready" | "hint" | "log" | ...}).
 stdin: one JSON command per line:
@@ -36,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from node.node import Node  # noqa: E402
 from node.transport.mdns import Lan  # noqa: E402
 from node.transport.server import Server  # noqa: E402
+from node.transport.tls import ServerTLS  # noqa: E402
 
 
 def emit(event: str, **fields) -> None:
@@ -76,8 +80,9 @@ async def main(a) -> None:
     if not (data / "keys.cabinet").exists():
         await Node.init(data, passphrase, name=a.name, listen=f"0.0.0.0:{a.port}")
     node = await Node.open_node(data, passphrase=passphrase)
-    server = Server(node.handler, "0.0.0.0", a.port)
-    lan = Lan(interfaces=[a.iface], watch=a.watch or None,
+    server_tls = ServerTLS(node.identity, node.ports.now()) if a.tls else None
+    server = Server(node.handler, "0.0.0.0", a.port, tls=server_tls)
+    lan = Lan(interfaces=[a.iface], watch=a.watch or None, tls=a.tls,
               on_hint=lambda node_id, url: emit("hint", node_id=node_id, url=url))
     try:
         await server.start()
@@ -115,6 +120,7 @@ if __name__ == "__main__":
     p.add_argument("--iface", required=True)
     p.add_argument("--announce-as", default=None)
     p.add_argument("--watch", type=float, default=0)
+    p.add_argument("--tls", action="store_true")
     args = p.parse_args()
     log = logging.getLogger("cabinet")
     log.setLevel(logging.DEBUG if os.environ.get("MDNS_NODE_DEBUG") else logging.INFO)

@@ -596,3 +596,42 @@ def test_rate_limiter():
     assert client_key("192.0.2.7") == "192.0.2.7" and client_key("::ffff:192.0.2.7") == "192.0.2.7"
     assert client_key("2001:db8:1:2:aaaa::1") == client_key("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::/64"
     assert client_key(None) == "?"
+
+
+# --- specialties under their usual forms ----------------------------------------------------
+
+@pytest.mark.parametrize("specialty, queries", [
+    ("Cardiologie", ["cardiologue lyon", "cardiology", "Cardiologist", "cardiologues Lyon", "cardio"]),
+    ("cardiology", ["cardiologue", "cardiologie Lyon"]),
+    ("Médecine générale", ["généraliste", "general practice", "medecin generaliste lyon", "GP"]),
+    ("general practice", ["médecine générale", "generaliste Lyon"]),
+    ("Pédiatrie", ["pédiatre", "pediatrician", "pédiatres lyon"]),
+])
+def test_specialties_are_found_under_their_usual_forms(db, specialty, queries):
+    t = now()
+    storage.put(db, desc(1, specialty=specialty, city="Lyon").signed, t)
+    storage.put(db, desc(2, specialty="Dermatologie", city="Lyon").signed, t)
+    for q in queries:
+        assert storage.search(db, q, t) == [desc(1, specialty=specialty, city="Lyon").signed], q
+    assert storage.search(db, "cardiologue Paris", t) == []
+    assert [Descriptor.from_wire(r).specialty for r in storage.search(db, "dermatologue", t)] == ["Dermatologie"]
+
+
+def test_an_index_from_before_the_synonyms_is_rebuilt_on_open(tmp_path):
+    path = tmp_path / storage.DBFILE
+    db = storage.connect(path)
+    t = now()
+    storage.put(db, desc(1, specialty="Cardiologie", city="Lyon").signed, t)
+    # What schema 1 left: the plain normalised fields only, and the old schema number.
+    old_text = storage.normalise(" ".join(("Dr X", "Cardiologie", "Lyon")))
+    db.execute("DELETE FROM descriptors_fts")
+    db.execute("INSERT INTO descriptors_fts (rowid, text) SELECT id, ? FROM descriptors", (old_text,))
+    db.execute("UPDATE meta SET value = 1 WHERE key = 'schema'")
+    assert storage.search(db, "cardiologue", t) == []
+    db.conn.close()
+    db = storage.connect(path)
+    try:
+        assert storage.search(db, "cardiologue lyon", t) == [desc(1, specialty="Cardiologie", city="Lyon").signed]
+        assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == storage.SCHEMA_VERSION
+    finally:
+        db.conn.close()

@@ -528,3 +528,9 @@ def test_phrase_of_wrong_length_or_alphabet_refused():
     for bad in (compact[:-1], compact + "A", compact[:-1] + "!", ""):
         with pytest.raises(UsageError, match="not a recovery phrase"):
             parse_recovery_phrase(bad)
+
+
+def test_token_ids_never_start_with_a_dash_so_a_command_line_takes_them():
+    ids = [consent.new_token_id() for _ in range(3000)]        # a leading "-" would be 1 in 64 otherwise
+    assert not any(i.startswith("-") for i in ids)
+    assert len(set(ids)) == len(ids) and all(len(i) == 22 for i in ids)

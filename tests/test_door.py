@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import resource
+import ssl
 import stat
 import time
 
@@ -161,12 +162,13 @@ class Callee:
 
     def __init__(self, identity: Identity, contacts: dict[str, bytes]) -> None:
         self.identity, self.contacts = identity, contacts
+        self.refusals: dict[str, str] = {}          # held or revoked contacts: node ID -> reason
 
     def descriptor_bytes(self) -> bytes:
         return b"descriptor"
 
-    async def sign_key_for(self, node_id: str) -> bytes | None:
-        return self.contacts.get(node_id)
+    async def pinned_key(self, node_id: str) -> tuple[bytes | None, str | None]:
+        return self.contacts.get(node_id), self.refusals.get(node_id)
 
     async def record_status(self, caller, record_id):
         return Answer(200, {"stored": False, "have": 0})
@@ -196,9 +198,18 @@ async def door_server():
     await srv.stop()
 
 
-async def raw_exchange(port: int, request: bytes, local: str = "127.0.0.1", deadline: float = 10) -> bytes:
-    """Send raw bytes, read until the server closes (it must, within the deadline)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(local, 0))
+def any_certificate() -> ssl.SSLContext:
+    """A TLS client that checks no certificate: a stranger talking to a node's TLS door."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    return ctx
+
+
+async def raw_exchange(port: int, request: bytes, local: str = "127.0.0.1", deadline: float = 10,
+                       tls: bool = False) -> bytes:
+    """Send raw bytes (inside TLS if asked), read until the server closes (it must, within the deadline)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(local, 0),
+                                                   ssl=any_certificate() if tls else None)
     try:
         writer.write(request)
         await writer.drain()
@@ -238,6 +249,29 @@ async def test_unknown_caller_and_bad_signature_get_byte_identical_answers(door_
     answers = [status_and_body(await raw_exchange(srv.port, r)) for r in (forged, unknown)]
     assert answers[0] == answers[1]
     assert answers[0][0] == 401 and wire.unpack(answers[0][1]) == {"error": auth.NOT_AUTHENTICATED}
+
+
+@pytest.mark.parametrize("reason", ["not a confirmed contact: this practice has not confirmed your new key yet",
+                                    "this key was revoked"])
+async def test_held_and_revoked_contacts_look_like_strangers_until_their_signature_verifies(door_server, reason):
+    srv, me, colleague, client, peer = door_server
+    srv._app[server.HANDLER].refusals[colleague.node_id] = reason
+    stranger = Identity.generate()
+    target = f"/v1/records/{'ab' * 16}/status"
+    forged = signed_head(stranger, me, "GET", target, b"").replace(
+        stranger.node_id.encode(), colleague.node_id.encode())
+    bad_sig = signed_head(colleague, me, "GET", target, b"", sig=bytes(64))
+    unknown = signed_head(stranger, me, "GET", target, b"")
+    raws = [await raw_exchange(srv.port, r) for r in (forged, bad_sig, unknown)]
+    answers = [status_and_body(r) for r in raws]
+    assert answers[0] == answers[1] == answers[2]                # status, body and every header but Date
+    assert [r.partition(b"\r\n\r\n")[2] for r in raws] == [raws[2].partition(b"\r\n\r\n")[2]] * 3
+    assert answers[0][0] == 401 and wire.unpack(answers[0][1]) == {"error": auth.NOT_AUTHENTICATED}
+    assert reason.encode() not in b"".join(raws)
+    # The contact itself, with a valid signature, is told why, in a signed answer.
+    with pytest.raises(PeerRefused, match=reason.split(":")[0]) as info:
+        await client.call(peer, "GET", target)
+    assert info.value.status == 401 and info.value.signed
     assert auth.H_SIG.lower() not in answers[0][2].lower()          # nothing signed for a stranger
 
 
@@ -347,8 +381,8 @@ async def flood(port: int, requests: list[bytes], seconds: float, workers: int =
         nonlocal sent
         while time.monotonic() < stop:
             try:
-                await raw_exchange(port, requests[sent % len(requests)], deadline=5)
-            except (ConnectionError, TimeoutError):
+                await raw_exchange(port, requests[sent % len(requests)], deadline=5, tls=True)
+            except (ConnectionError, TimeoutError, ssl.SSLError):
                 pass
             sent += 1
     await asyncio.gather(*(worker(i) for i in range(workers)))

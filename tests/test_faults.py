@@ -120,3 +120,104 @@ def test_full_disk_refuses_cleanly_then_completes_when_space_is_freed(practice, 
         if cardio.proc is not None:
             cardio.stop(signal.SIGKILL)
         shutil.rmtree(small_disk / "cardio", ignore_errors=True)
+
+
+def test_a_node_starts_and_sends_on_a_nearly_full_disk_while_incoming_data_is_refused(practice, small_disk,
+                                                                                       tmp_path):
+    """The reserve (node/app/quota.py) is never used by incoming data: with 10 MiB left on its disk,
+    the node starts, seals and sends a referral and keeps its audit log, while a colleague's
+    record waits, queued with the reason."""
+    gp = practice("Dr Gp")
+    cardio = NodeProc(small_disk / "cardio", "Dr Cardio", free_port()).init()
+    try:
+        introduce(gp, cardio)
+        st = os.statvfs(small_disk)
+        filler = small_disk / "filler"
+        with open(filler, "wb") as fh:
+            fh.truncate(0)
+            left = st.f_bavail * st.f_frsize - (10 << 20)
+            block = b"\0" * (1 << 20)
+            while left > 0:
+                left -= fh.write(block[:min(left, len(block))])
+        gp.start()
+        cardio.start("--pull-every", "1")
+        letter = tmp_path / "l.txt"
+        letter.write_text("hello")
+        scan = tmp_path / "scan.bin"
+        scan.write_bytes(os.urandom(3 << 20))
+        out = cardio.ok("send", "--to", "Dr Gp", "--patient", "Small Disk", "--letter", str(letter), str(scan))
+        sent = out.split()[1]
+        assert "delivered" in out, out
+        gp.ok("export", sent, str(tmp_path / "out"))
+        assert (tmp_path / "out" / "scan.bin").read_bytes() == scan.read_bytes()
+        small = tmp_path / "small.bin"
+        small.write_bytes(os.urandom(2 << 20))
+        out = gp.ok("send", "--to", "Dr Cardio", "--patient", "Small Disk", "--letter", str(letter), str(small))
+        assert "queued" in out and "disk space" in out, out
+        assert out.split()[1] not in received(cardio)
+        assert "intact" in cardio.ok("audit", "verify")
+    finally:
+        if cardio.proc is not None:
+            cardio.stop(signal.SIGKILL)
+        shutil.rmtree(small_disk / "cardio", ignore_errors=True)
+
+
+def test_a_cut_upload_is_logged_in_one_clean_line(practice, tmp_path):
+    """The sender goes away mid-upload: the recipient's node.log has one line saying what was kept,
+    and no traceback."""
+    import asyncio
+
+    import aiohttp
+
+    from conftest import PASSPHRASE
+    from node import Node
+    from node.core.identity import parse_node_id
+    from node.store import records
+    from node.transport import auth
+
+    gp, cardio = practice("Dr Gp"), practice("Dr Cardio")
+    introduce(gp, cardio)
+    cardio.start()
+    scan = tmp_path / "scan.bin"
+    scan.write_bytes(os.urandom(4 << 20))
+    letter = tmp_path / "l.txt"
+    letter.write_text("x")
+
+    async def cut() -> tuple[str, int, int]:
+        node = await Node.open_node(gp.data, passphrase=PASSPHRASE)
+        try:
+            res = await node.send_referral(to="Dr Cardio", patient="P", letter=letter, attachments=[scan],
+                                           deliver=False)
+            rid = res.record_id
+            row = await node.store.call(records.get_record, rid)
+            head, body = row["head"], node.blobs.path(rid).read_bytes()
+            contact = await node.store.call(records.find_contact, "Dr Cardio")
+            target = f"/v1/records/{rid}?offset=0"
+
+            async def pieces():
+                yield len(head).to_bytes(4, "big") + head
+                yield body[:len(body) // 2]
+                raise ConnectionResetError("cable pulled")
+            headers = auth.sign_request(node.identity, method="PUT", target=target,
+                                        callee=parse_node_id(cardio.node_id), body_digest=auth.digest(head),
+                                        now_ms=auth.now_ms(), nonce=os.urandom(16))
+            address = node.discovery.locate(contact).addresses[0]
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=False)) as s:
+                with pytest.raises(aiohttp.ClientError):
+                    async with s.put(address + target, data=pieces(), headers=headers) as resp:
+                        await resp.read()
+            return rid, len(body) // 2, len(body)
+        finally:
+            await node.close()
+
+    rid, half, size = asyncio.run(cut())
+    log = cardio.data / "node.log"
+    wait_for(lambda: "transfer interrupted" in log.read_text(), 20, "the interruption to be logged")
+    lines = [l for l in log.read_text().splitlines() if rid in l]
+    interrupted = [l for l in lines if "transfer interrupted" in l]
+    assert len(interrupted) == 1, lines
+    assert f"record {rid} from {gp.node_id}: transfer interrupted at " in interrupted[0]
+    assert f" of {size} bytes; kept for resuming" in interrupted[0]
+    have = int(interrupted[0].split("interrupted at ")[1].split()[0])
+    assert 0 < have <= half
+    assert "Traceback" not in log.read_text() and "internal error" not in log.read_text()

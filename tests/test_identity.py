@@ -332,3 +332,24 @@ def test_identity_refuses_to_sign_control_characters():
     with pytest.raises(UsageError, match="'addresses'"):
         make(addresses=("http://192.0.2.1:7400\x1b",))
     assert make(name="Dr Zoë Müller").name == "Dr Zoë Müller"
+
+
+# --- relay addresses (docs/relay.md) ----------------------------------------------------------
+
+def test_relay_addresses_are_accepted_in_descriptors_and_nowhere_else():
+    good = ["relay+tcp://relay.example:7600", "relay+tcp://203.0.113.9:7600/", "relay+tcp://[2001:db8::1]:7600"]
+    bad = ["relay+tcp://relay.example", "relay+tcp://relay.example:0", "relay+tcp://relay.example:7600/X",
+           "relay+tcp://user@relay.example:7600", "relay+tcp://relay.example:7600?x=1", "relay+udp://r:1",
+           "relay+tcp://:7600", "relay+tcp://r:99999", "relay+tcp://" + "r" * 260 + ":1"]
+    for url in good:
+        assert identity.valid_relay_address(url) and identity.valid_node_address(url), url
+        assert not identity.valid_address(url), url          # not an http(s) address for the client
+    for url in bad:
+        assert not identity.valid_relay_address(url) and not identity.valid_node_address(url), url
+    ident = Identity.generate()
+    d = ident.descriptor(name="Dr R", addresses=("https://10.0.0.1:7400", good[0]), seq=1, now_ms=NOW)
+    assert Descriptor.from_wire(d.signed).addresses == ("https://10.0.0.1:7400", good[0])
+    for url in bad[:4]:
+        d = ident.descriptor(name="Dr R", addresses=(url,), seq=1, now_ms=NOW)
+        with pytest.raises(RemoteProtocolError, match="bad address list"):
+            Descriptor.from_wire(d.signed)

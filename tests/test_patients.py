@@ -76,8 +76,11 @@ class World:
         return grant_with(card or self.card, **args)
 
     async def copies(self) -> int:
-        return len(await self.a.store.call(lambda db: list(db.query(
-            "SELECT 1 FROM record_patients WHERE copy_of IS NOT NULL"))))
+        return await self.a.store.call(sp.copies)
+
+    async def last_entries(self, n: int = 1) -> list[dict]:
+        """A's newest audit entries, their sealed details opened."""
+        return await self.a.store.call(sp.entries, self.a.patients.vault, None, n)
 
 
 @pytest.fixture
@@ -139,7 +142,7 @@ async def refused(w: World, match: str, *, by: Node | None = None, token: str | 
         await (by or w.b).patients.request("A", token=token, **kw)
     assert info.value.status == 403
     assert (await w.copies(), len(await w.a.store.call(records.deliveries))) == before
-    last = (await w.a.store.call(audit.entries, None, 1))[0]
+    last = (await w.last_entries())[0]
     assert last["event"] in ("access-refused", "break-glass-refused") and last["peer"] == (by or w.b).node_id
     assert json.loads(last["detail"])["why"] in str(info.value)
 
@@ -209,7 +212,7 @@ async def test_revocation_signed_by_the_patient_and_only_for_their_own_grants(wo
     # Another enrolled patient who learnt the grant's ID cannot withdraw it.
     other = await w.a.patients.enroll("P-0043")
     await w.a.patients.apply_revocation(revocation(other, jti, now=w.now))
-    assert len(await w.b.patients.request("A", token=token)) == 2
+    assert await w.b.patients.request("A", token=token) == []     # still accepted; nothing new to send
     # A revocation signed by the patient, carried to A by B (any node may carry it: it is signed).
     assert await w.b.patients.send_revocation(w.card.practice, revocation(w.card, jti, now=w.now)) == jti
     await refused(w, f"grant {jti} has been revoked", token=token)
@@ -217,7 +220,7 @@ async def test_revocation_signed_by_the_patient_and_only_for_their_own_grants(wo
     with pytest.raises(ConsentRefused, match="unknown patient key"):
         outsider = Card.create(w.a.node_id, "P-9", seed=consent.new_patient_key()[0])
         await w.a.patients.apply_revocation(revocation(outsider, "x" * 22, now=w.now))
-    assert (await w.a.store.call(audit.entries, None, 1))[0]["event"] == "revocation-refused"
+    assert (await w.last_entries())[0]["event"] == "revocation-refused"
 
 
 async def test_break_glass_only_when_allowed_always_flagged_and_in_the_history(world):
@@ -231,7 +234,7 @@ async def test_break_glass_only_when_allowed_always_flagged_and_in_the_history(w
     ids = await w.b.patients.request("A", emergency=reason, patient="P-0042")
     assert len(ids) == 3
     await arrived(w.b, ids)
-    flagged = await w.a.store.call(sp.flagged)
+    flagged = await w.a.patients.flagged()
     assert [f["event"] for f in flagged][:2] == ["break-glass", "break-glass-refused"]
     assert json.loads(flagged[0]["detail"])["reason"] == reason and flagged[0]["peer"] == w.b.node_id
     raw, body = await w.b.patients.fetch_history(w.card)
@@ -313,7 +316,7 @@ async def test_history_requests_are_signed_by_the_patient_and_bound_to_the_carri
     # A grant is not a history request (another implicit assertion).
     with pytest.raises(ConsentRefused, match="signature does not verify"):
         await w.a.patients.history_for(w.grant(), caller=w.b.node_id)
-    events = [e["event"] for e in await w.a.store.call(audit.entries, None, 3)]
+    events = [e["event"] for e in await w.last_entries(3)]
     assert events == ["history-refused"] * 3
 
 
@@ -409,7 +412,7 @@ def test_card_round_trips_as_text_and_qr_content_and_refuses_typos(tmp_path):
 
 async def test_enrolment_keeps_only_the_public_key_and_a_brought_key_works(world):
     w = world
-    row = await w.a.store.call(sp.patient, "P-0042")
+    row = await w.a.store.call(sp.patient, w.a.patients.vault, "P-0042")
     assert set(row) == {"patient_ref", "public_key", "key_id", "enrolled", "updated"}
     assert row["public_key"] == w.card.public_key and row["key_id"] == w.card.key_id
     with pytest.raises(AlreadyExists):
@@ -493,3 +496,52 @@ async def test_request_command_fetches_the_records(world, capsys, monkeypatch):
 def node_id_of(data) -> str:
     from node.store import keyfile
     return keyfile.open_(data, PASSPHRASE).identity.node_id
+
+
+# --- a folder from before the sealing migrates by itself ----------------------------------------
+
+async def test_a_version_1_folder_is_sealed_on_open_and_its_chain_still_verifies(tmp_path):
+    import subprocess
+    a, c = await make(tmp_path, "A"), await make(tmp_path, "C")
+    await meet(a, c)
+    sent = await a.send_referral(to="C", patient="Jeanne Martin", subject="Echo", letter="x")
+    folder = a.folder
+    await a.close()
+    await c.close()
+    # The database as the code before the sealing left it: its schema, clear rows, clear audit details.
+    old_schema = subprocess.run(["git", "show", "HEAD:node/store/patients.py"], capture_output=True, text=True,
+                                check=True).stdout.split('SCHEMA = """')[1].split('"""')[0]
+    conn = sqlite3.connect(folder / "cabinet.db", isolation_level=None)
+    for t in ("patient_keys", "patient_records", "patient_revocations", "patient_grants", "patient_grant_uses",
+              "patient_audit"):
+        conn.execute(f"DROP TABLE {t}")
+    conn.execute("DELETE FROM meta WHERE key = 'patients_schema'")
+    conn.executescript(old_schema)
+    seed, public = consent.new_patient_key()
+    kid = consent.k4_pid(public)
+    conn.execute("INSERT INTO patients VALUES ('P-OLD42', ?, ?, 1, 1)", (public, kid))
+    conn.execute("INSERT INTO record_patients VALUES (?, 'P-OLD42', 'psychiatry', 1, NULL, NULL)", (sent.record_id,))
+    conn.execute("INSERT INTO revocations VALUES (?, 'OLDJTI-0123456789ab', 2, 'v4.public.x')", (kid,))
+    db = __import__("sqlite_utils").Database(conn)
+    for event, fields in (("patient-enrolled", {"key": kid}), ("patient-linked", {"category": "psychiatry"}),
+                          ("break-glass", {"reason": "OLD REASON unconscious"})):
+        audit.append(db, at=3, event=event, record=sent.record_id if event == "patient-linked" else None,
+                     detail=sp.detail("P-OLD42", **fields))
+    conn.close()
+    a = await Node.open_node(folder, passphrase=PASSPHRASE)
+    try:
+        card = Card.create(a.node_id, "P-OLD42", seed=seed)
+        _, body = await a.patients.fetch_history(card)
+        events = {e["event"]: json.loads(e["detail"] or "null") for e in body["entries"]}
+        assert events["break-glass"]["reason"] == "OLD REASON unconscious"
+        assert events["patient-linked"] == {"patient": "P-OLD42", "category": "psychiatry"}
+        assert "sent" in events                                       # the record's own entries too
+        assert (await a.audit_verify())[0]
+        assert [e["event"] for e in await a.store.call(audit.entries, None, 3)][1] == "patients-sealed"
+        assert await a.store.call(sp.revoked, a.patients.vault, kid) == {"OLDJTI-0123456789ab"}
+        assert (await a.store.call(sp.records_of, a.patients.vault, "P-OLD42"))[0]["category"] == "psychiatry"
+    finally:
+        await a.close()
+    raw = b"".join(p.read_bytes() for p in folder.iterdir() if p.name.startswith("cabinet.db"))
+    for needle in (b"P-OLD42", b"psychiatry", b"OLD REASON", b"OLDJTI"):
+        assert needle not in raw, needle

@@ -166,3 +166,154 @@ def test_store_errors_are_translated(tmp_path):
             store.call_sync(lambda db: db.conn.execute("SELECT * FROM no_such_table"))
     finally:
         store.close()
+
+
+PATIENT_CANARIES = (b"P-CANARY7", b"psychiatry-canary", b"CANARYREASON")
+
+
+def test_stolen_folder_reveals_no_patient_reference_category_or_reason(pair, tmp_path):
+    """Patients (issue 9, item 12): references, categories, break-glass reasons, grants and
+    revocations are sealed or blind-indexed; every byte of both folders is scanned."""
+    import base64 as b64
+    import json as js
+    gp, cardio = pair
+    letter = tmp_path / "letter.txt"
+    letter.write_text("Bilan", encoding="utf-8")
+    rid = gp.ok("send", "--to", "Dr Paul Durand", "--patient", "Jeanne Test", "--subject", "Bilan",
+                "--letter", str(letter)).split()[1]
+    gp.ok("patient", "enroll", "--patient", "P-CANARY7", "--out", str(tmp_path / "cards"))
+    card = str(tmp_path / "cards" / "card-P-CANARY7.txt")
+    gp.ok("patient", "link", rid, "--patient", "P-CANARY7", "--category", "psychiatry-canary")
+    token = gp.ok("patient", "grant", "--card", card, "--to", cardio.node_id, "--scope",
+                  "category:psychiatry-canary", "--days", "2").strip()
+    assert "Record " in cardio.ok("request", "--from", "Dr Anne Martin", "--token", token)
+    gp.ok("patient", "break-glass", "--allow", "Dr Paul Durand")
+    reason = "Unconscious patient CANARYREASON cardiac history needed"
+    cardio.ok("request", "--from", "Dr Anne Martin", "--emergency", reason, "--patient", "P-CANARY7")
+    payload = token.split(".")[2]
+    jti = js.loads(b64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))[:-64])["jti"]
+    gp.ok("patient", "revoke", "--card", card, jti)
+    history = gp.ok("patient", "history", "--card", card)
+    for shown in ("CANARYREASON", "break-glass", "grant-revoked", "psychiatry-canary", "access-sent"):
+        assert shown in history, history
+    assert "intact" in gp.ok("audit", "verify")
+    scanned = 0
+    for node in (gp, cardio):
+        for stop_first in (False, True):          # with the WAL live, then after a clean stop
+            if stop_first:
+                node.stop()
+            for f in every_file(node.data):
+                raw = f.read_bytes()
+                scanned += len(raw)
+                for needle in PATIENT_CANARIES + (jti.encode(),):
+                    for form in (needle, needle.decode().encode("utf-16-le")):
+                        assert form not in raw, f"{needle!r} found in {f.relative_to(node.data)}"
+    assert scanned > 10_000
+
+
+# --- schema 3: a record is keyed by (id, sender); files are 0600 -------------------------------
+
+def _schema_2() -> str:
+    from node.store import db as dbmod
+    old = dbmod.SCHEMA.replace("    id         TEXT NOT NULL,", "    id         TEXT PRIMARY KEY,")
+    old = old.replace(",\n    PRIMARY KEY (id, sender)\n", "\n")
+    old = old.replace("    record_id  TEXT NOT NULL,", "    record_id  TEXT NOT NULL REFERENCES records (id),")
+    assert old != dbmod.SCHEMA and "REFERENCES records (id)" in old
+    return old
+
+
+def test_a_schema_2_database_is_migrated_to_records_keyed_by_sender(tmp_path):
+    from node.store import db as dbmod
+    path = tmp_path / DBFILE
+    conn = sqlite3.connect(path)
+    conn.executescript(_schema_2() + dbmod.PATIENTS_SCHEMA)
+    conn.execute("INSERT INTO meta (key, value) VALUES ('schema', 2)")
+    rid = "ab" * 16
+    for direction, sender, seq in (("out", "ME", None), ("in", "A", 1)):
+        conn.execute("INSERT INTO records (id, direction, kind, sender, thread, created, stored, head, body_size, "
+                     "meta, patient_ix, seq) VALUES (?, ?, 'referral', ?, 't', 1, 1, x'01', 3, x'00', x'00', ?)",
+                     (rid if direction == "out" else "cd" * 16, direction, sender, seq))
+    conn.execute("INSERT INTO deliveries (record_id, recipient, seq, state, next_try, updated) "
+                 "VALUES (?, 'B', 1, 'queued', 0, 0)", (rid,))
+    conn.commit()
+    conn.close()
+
+    store = Store(path)
+    try:
+        assert store.call_sync(lambda db: db.conn.execute("SELECT value FROM meta WHERE key='schema'")
+                               .fetchone()[0]) == dbmod.SCHEMA_VERSION == 3
+        assert store.call_sync(records.pending_for, "B") == {1: rid}               # the outbox survived
+        assert store.call_sync(records.stored_from, "cd" * 16, "A") == b"\x01"
+        # Another sender's record under an ID already held is now a record of its own.
+        row = dict(id="cd" * 16, direction="in", kind="referral", sender="C", thread="t", reply_to=None,
+                   created=1, stored=2, head=b"\x02", body_size=3, meta=b"\x00", patient_ix=b"\x00", seq=1)
+        new, _ = store.call_sync(records.insert_received, [row], sender="C", now=2)
+        assert new == [True]
+        with pytest.raises(UsageError, match="several senders"):
+            store.call_sync(records.get_record, "cd" * 16)
+        assert store.call_sync(records.get_record, "cd" * 16, "C")["head"] == b"\x02"
+        assert store.call_sync(records.get_record, "cd" * 16, "A")["head"] == b"\x01"
+        # The same sender reusing its ID for another record is still refused.
+        new, _ = store.call_sync(records.insert_received, [dict(row, head=b"\x03", seq=2)], sender="C", now=3)
+        assert new == [None]
+        assert store.call_sync(lambda db: db.conn.execute("PRAGMA foreign_key_check").fetchall()) == []
+    finally:
+        store.close()
+    Store(path).close()                                        # opens again, already migrated
+
+
+async def test_database_blobs_and_incoming_files_are_0600_under_umask_022(tmp_path):
+    from test_squat import cut_upload, settled
+    from test_transport import make, stored_body
+    old = os.umask(0o022)
+    try:
+        a, b = await make(tmp_path, "A"), await make(tmp_path, "B")
+        try:
+            await a.add_contact(b.descriptor.signed)
+            await b.add_contact(a.descriptor.signed)
+            letter, big = tmp_path / "l.txt", tmp_path / "big.bin"
+            letter.write_text("x")
+            big.write_bytes(os.urandom(3 << 20))
+            res = await a.send_referral(to="B", patient="P", letter=letter, attachments=[big])
+            assert b.blobs.path(res.record_id, a.node_id).exists()
+            res2 = await a.send_referral(to="B", patient="P", letter=letter, attachments=[big], deliver=False)
+            row = await a.store.call(records.get_record, res2.record_id)
+            body = stored_body(a, row)
+            await cut_upload(a, b, res2.record_id, row["head"], body, len(body) // 2)
+            await settled(b, a, res2.record_id)
+            for node in (a, b):
+                files = [node.folder / DBFILE, node.folder / (DBFILE + "-wal"), node.folder / (DBFILE + "-shm")]
+                files += [p for d in ("blobs", "incoming") for p in (node.folder / d).rglob("*") if p.is_file()]
+                assert len(files) > 3
+                modes = {str(p.relative_to(node.folder)): stat.S_IMODE(p.stat().st_mode) for p in files}
+                assert set(modes.values()) == {0o600}, modes
+        finally:
+            await a.close()
+            await b.close()
+    finally:
+        os.umask(old)
+
+
+def test_a_running_nodes_writes_survive_other_processes_opening_and_closing_the_database(tmp_path):
+    """Regression: the process that holds the database must never lose SQLite's locks (by opening and
+    closing the file itself), or another process closing its connection deletes the WAL under it."""
+    import subprocess
+    import sys
+
+    from node.store.db import Store
+    path = tmp_path / "cabinet.db"
+    store = Store(path)
+    try:
+        other = ("import sys; sys.path.insert(0, sys.argv[1]); from node.store.db import Store; "
+                 "from pathlib import Path; Store(Path(sys.argv[2])).close()")
+        for _ in range(2):                     # a CLI command opens and closes the same folder
+            subprocess.run([sys.executable, "-c", other, str(Path(__file__).resolve().parents[1]), str(path)],
+                           check=True)
+        store.call_sync(lambda db: db.conn.execute("INSERT INTO meta (key, value) VALUES ('probe', 42)"))
+        assert (tmp_path / "cabinet.db-wal").exists()
+        seen = subprocess.run([sys.executable, "-c", "import sqlite3, sys; print(sqlite3.connect(sys.argv[1])"
+                               ".execute(\"SELECT value FROM meta WHERE key='probe'\").fetchone())", str(path)],
+                              check=True, capture_output=True, text=True).stdout.strip()
+        assert seen == "(42,)"
+    finally:
+        store.close()

@@ -215,6 +215,42 @@ def test_want_beyond_last_is_refused_and_changes_nothing(want):
     assert set(s.pending) == {1, 2, 3}
 
 
+def test_on_want_lists_settled_records_again_for_a_recipient_that_went_back():
+    # A recipient restored from a backup asks from 2; the sender holds 3..5 as delivered, 6..7 pending.
+    s = _sender([6, 7])
+    s.load(Entry(seq=5, record_id="r5", size=1, state=outbox.DELIVERED))
+    settled = [Offer(seq=q, record_id=f"r{q}") for q in (1, 2, 3, 4, 5)]
+    listing, effects = s.on_want(Want(since=2, after=2), settled=settled)
+    assert effects == [] and listing.prev == 2
+    assert [(o.seq, o.record_id) for o in listing.offers] == [(3, "r3"), (4, "r4"), (5, "r5"), (6, "r6"),
+                                                              (7, "r7")]     # nothing at or below `since`
+    listing, _ = s.on_want(Want(since=2, after=4), limit=2, settled=settled)
+    assert [o.seq for o in listing.offers] == [5, 6]              # `after` and the limit hold for both kinds
+    assert set(s.pending) == {6, 7}                                # listing again changes no state
+
+
+def test_on_want_never_lists_a_settled_seq_inside_a_void_or_beyond_last():
+    s = SenderSession("B", last=3, voids=[(4, 10)])
+    s.load(Entry(seq=11, record_id="r11", size=1))
+    bogus = [Offer(seq=q, record_id=f"r{q}") for q in (3, 5, 12)]
+    listing, _ = s.on_want(Want(since=1), settled=bogus)
+    assert [o.seq for o in listing.offers] == [3, 11] and listing.void == (4, 10)
+    assert SenderSession.settled_from(Want(since=3, after=7)) == 7
+
+
+def test_on_want_merges_to_the_lowest_limit_of_both_kinds():
+    s = _sender(range(2, MAX_BATCH_ITEMS + 10, 2))               # even seqs pending
+    settled = [Offer(seq=q, record_id=f"r{q}") for q in range(1, MAX_BATCH_ITEMS + 10, 2)]   # odd ones settled
+    listing, _ = s.on_want(Want(since=0), limit=10_000, settled=settled)
+    assert [o.seq for o in listing.offers] == list(range(1, MAX_BATCH_ITEMS + 1))
+    assert Batch(prev=0, last=s.last, items=tuple(_item(o.seq) for o in listing.offers)).full
+
+
+def test_held_unknown_leaves_out_the_top_of_a_void_where_a_skipping_cursor_lands():
+    s = SenderSession("B", last=3, voids=[(4, 1_000_003)])
+    assert s.held_unknown([4, 7, 1_000_003, 1_000_004, 2]) == (4, 7)
+
+
 def test_due_groups_small_records_and_sends_large_ones_alone():
     s = SenderSession("B", [Entry(seq=1, record_id="r1", size=10), Entry(seq=2, record_id="r2", size=10),
                             Entry(seq=3, record_id="r3", size=m.MAX_SMALL_BODY + 1),
@@ -594,6 +630,42 @@ def test_real_services_over_a_lossy_link_with_restarts(tmp_path, seed, schedule)
     asyncio.run(_run(tmp_path, seed, schedule))
 
 
+async def _restored_recipient_pulls_again(tmp: Path) -> None:
+    import shutil
+    a, b, now = await _world(tmp, 7, faults=False)
+    queued = [0]
+    for action in ("queue", "queue", "push"):
+        await _step(action, a, b, now, queued)
+    await b.stop()
+    shutil.copytree(b.folder, b.folder.with_name("backup"))      # the recipient's backup: records 0 and 1
+    b.start()
+    for action in ("queue", "queue", "queue", "push", "pull"):    # 2, 3 (large) and 4 after the backup
+        await _step(action, a, b, now, queued)
+    states = {d["record_id"]: d["state"] for d in a.store.call_sync(records.deliveries)}
+    assert len(states) == 5 and set(states.values()) == {outbox.DELIVERED}
+    await b.stop()
+    shutil.rmtree(b.folder)
+    shutil.copytree(b.folder.with_name("backup"), b.folder)      # the disk died; restored
+    b.start()
+    assert b.store.call_sync(records.stream_in, A_ID.node_id).upto == 2
+    await _step("pull", a, b, now, queued)
+    rows = b.store.call_sync(records.list_records, "in")
+    want = {Head.from_wire(RECORDS[n][0]).header.id_hex for n in range(5)}
+    assert sorted(r["id"] for r in rows) == sorted(want)        # each exactly once
+    assert b.store.call_sync(records.stream_in, A_ID.node_id).upto == 5
+    assert a.store.call_sync(records.deliveries) and \
+        {d["state"] for d in a.store.call_sync(records.deliveries)} == {outbox.DELIVERED}
+    assert len(a.store.call_sync(records.deliveries)) == 5      # nothing queued twice at the sender
+    await _step("pull", a, b, now, queued)                        # a later pull lists nothing new
+    assert len(b.store.call_sync(records.list_records, "in")) == 5
+    await a.stop()
+    await b.stop()
+
+
+def test_a_recipient_restored_from_a_backup_pulls_what_the_sender_holds_as_delivered(tmp_path):
+    asyncio.run(_restored_recipient_pulls_again(tmp_path))
+
+
 # --- an existing data folder opens with the new schema ----------------------------------------
 
 def test_a_database_made_with_schema_1_is_migrated_and_keeps_its_outbox(tmp_path):
@@ -615,7 +687,7 @@ def test_a_database_made_with_schema_1_is_migrated_and_keeps_its_outbox(tmp_path
 
     store = Store(path)
     try:
-        assert store.call_sync(lambda db: db.conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0]) == 2
+        assert store.call_sync(lambda db: db.conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0]) == dbmod.SCHEMA_VERSION
         assert store.call_sync(records.pending_for, "B") == {1: RID}
         assert store.call_sync(records.refuse, "B", 1, reason="refused: test", now=5) == RID
         row = store.call_sync(records.deliveries, RID)[0]

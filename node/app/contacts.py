@@ -18,7 +18,7 @@ from typing import Awaitable, Callable
 
 from ..core.errors import AuthenticationFailed, CabinetError, NotFound, UsageError
 from ..core.identity import (DESCRIPTOR_PREFIX, Descriptor, normalize_node_id, parse_node_id, safety_code,
-                             valid_address)
+                             valid_address, valid_relay_address)
 from ..core.names import name_words
 from ..store import keyfile, records
 from .events import AuditAppended, KeyChanged
@@ -34,6 +34,12 @@ def check_url(url: str, allow_path: bool = False) -> str:
     if not valid_address(url, allow_path=allow_path):
         raise UsageError(f"not an address: {url!r} (expected http://host:port)")
     return url.rstrip("/")
+
+
+def check_relay(url: str) -> str:
+    if not valid_relay_address(url):
+        raise UsageError(f"not a relay address: {url!r} (expected relay+tcp://host:port)")
+    return url
 
 
 def looks_like_node_id(text: str) -> bool:
@@ -197,14 +203,25 @@ class Contacts:
         await self.ports.store.call(records.mark_verified, c["node_id"], self.ports.now())
         return await self.get(ref)
 
-    async def sign_key_for(self, node_id: str) -> bytes | None:
-        """The key a caller must sign with; held and revoked keys are let in for nothing."""
+    async def pinned_key(self, node_id: str) -> tuple[bytes | None, str | None]:
+        """The key a caller must sign with (None: a stranger), and why a caller proven with it is
+        refused anyway (held, revoked), or None. The transport tells that reason only to a caller
+        whose signature verifies, so a stranger learns nothing about who the contacts are."""
         row = await self.by_id(node_id)
-        if row is not None and row["revoked"]:
-            raise AuthenticationFailed("this key was revoked")
-        if row is not None and row["held"]:
-            raise AuthenticationFailed("not a confirmed contact: this practice has not confirmed your new key yet")
-        return row["sign_key"] if row else None
+        if row is None:
+            return None, None
+        if row["revoked"]:
+            return row["sign_key"], "this key was revoked"
+        if row["held"]:
+            return row["sign_key"], "not a confirmed contact: this practice has not confirmed your new key yet"
+        return row["sign_key"], None
+
+    async def sign_key_for(self, node_id: str) -> bytes | None:
+        """The key a contact signs with; held and revoked keys are let in for nothing."""
+        key, refusal = await self.pinned_key(node_id)
+        if refusal is not None:
+            raise AuthenticationFailed(refusal)
+        return key
 
     async def _load_descriptor(self, source: str | bytes, expect_id: str | None) -> Descriptor:
         if isinstance(source, str) and looks_like_node_id(source):

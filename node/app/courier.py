@@ -21,13 +21,15 @@ from typing import AsyncIterator, Callable, Iterable
 
 from ..core.errors import InvalidEnvelope, InvalidSignature, RemoteProtocolError, TransportError
 from ..store import blobs as blobstore
+from ..store import backup as seqs
 from ..store import records
 from ..sync import outbox
-from ..sync.messages import (DUPLICATE, MAX_BATCH_ITEMS, REFUSED, STORED, Ack, Batch, PushAnswer, PushItem,
-                             PutAnswer, Receipt, Want, refusal_text)
+from ..sync.messages import (DUPLICATE, MAX_BATCH_ITEMS, REFUSED, STORED, Ack, Batch, Offer, PushAnswer,
+                             PushItem, PutAnswer, Receipt, Want, refusal_text)
 from ..sync.session import (Attempt, Commit, Entry, Fetch, Listing, Refused, Retire, ScheduleRetry, SendBatch,
                             SendRecord, SenderSession)
 from ..transport.client import Peer
+from .contacts import HELD, REPLACED, REVOKED, contact_state
 from .events import DeliveryChanged
 from .intake import Intake, RecordRefused
 from .loop import Loop
@@ -59,21 +61,31 @@ class Courier(Loop):
         if self._mark is None:
             lasts = await store.call(records.last_seqs)
             rows = await store.call(records.stream_out, None)
-            for recipient, (last, _) in lasts.items():
-                self._sessions.setdefault(recipient, SenderSession(recipient, last=last))
+            await self._open({recipient: last for recipient, (last, _) in lasts.items()})
             self._mark = max((u for _, u in lasts.values()), default=0)
         else:   # a margin: another process may commit a row stamped a little before our last look
             rows = await store.call(records.stream_out, self._mark - REFRESH_MARGIN_MS)
+        await self._open({r["recipient"]: 0 for r in rows if r["recipient"] not in self._sessions})
         for r in rows:
-            session = self._sessions.setdefault(r["recipient"], SenderSession(r["recipient"]))
+            session = self._sessions[r["recipient"]]
             session.load(Entry(seq=r["seq"], record_id=r["record_id"], size=r["body_size"], state=r["state"],
                                attempts=r["attempts"], next_try=r["next_try"], queued_at=r["created"],
                                stale=bool(r["stale"])))
             self._mark = max(self._mark, r.get("updated") or 0)
 
+    async def _open(self, lasts: dict[str, int]) -> None:
+        """New sessions, with the voids a restore left in their streams (store/backup.py)."""
+        fresh = [r for r in lasts if r not in self._sessions]
+        if not fresh:
+            return
+        voids = await self.ports.store.call(seqs.voids_of, fresh)
+        for r in fresh:
+            self._sessions.setdefault(r, SenderSession(r, last=lasts[r], voids=voids.get(r, ())))
+
     async def session(self, recipient: str) -> SenderSession:
         await self.refresh()
-        return self._sessions.setdefault(recipient, SenderSession(recipient))
+        await self._open({recipient: 0})
+        return self._sessions[recipient]
 
     async def apply(self, recipient: str, effects: Iterable[Effect]) -> int:
         """Carry out a session's effects in the store; returns how many deliveries were settled."""
@@ -112,13 +124,27 @@ class Courier(Loop):
 
     async def on_ack(self, recipient: str, ack: Ack) -> int:
         session = await self.session(recipient)
-        return await self.apply(recipient, session.on_ack(ack))
+        settled = await self.apply(recipient, session.on_ack(ack))
+        await self._note_held(recipient, session.held_unknown([ack.upto, *ack.have]))
+        return settled
 
     async def on_want(self, recipient: str, want: Want, limit: int) -> Listing:
         session = await self.session(recipient)
-        listing, effects = session.on_want(want, limit)
+        cap = min(limit, MAX_BATCH_ITEMS)
+        settled = [Offer(seq=s, record_id=rid) for s, rid in await self.ports.store.call(
+            records.settled_above, recipient, session.settled_from(want), cap)] if want.since < session.last else []
+        listing, effects = session.on_want(want, limit, settled)
         await self.apply(recipient, effects)
+        await self._note_held(recipient, session.held_unknown([want.since]))
         return listing
+
+    async def _note_held(self, recipient: str, held: tuple[int, ...]) -> None:
+        """A colleague holds seqs of a void: records the lost node sent after the backup (`cabinet outbox`)."""
+        if not held:
+            return
+        changed: int = await self.ports.store.call(seqs.note_seen, recipient, list(held))
+        if changed:
+            log.warning("%s holds record(s) this node sent after its last backup: not in this copy", recipient)
 
     # --- pushing ----------------------------------------------------------------------------
 
@@ -166,10 +192,7 @@ class Courier(Loop):
         try:
             session = self._sessions[recipient]
             contact = await self.ports.store.call(records.contact_by_id, recipient)
-            why = ("recipient is no longer a contact" if contact is None else
-                   "this colleague's keys were revoked: nothing is sent" if contact["revoked"] else
-                   "held: this colleague's identity key changed; check it and run 'cabinet contact confirm'"
-                   if contact["held"] else None)
+            why = ("recipient is no longer a contact" if contact is None else _not_sent_because(contact))
             for i, unit in enumerate(units):
                 try:
                     if why or contact is None:
@@ -202,13 +225,15 @@ class Courier(Loop):
         refused = {by_id[rid]: answer.reasons[rid] for rid, r in answer.results.items()
                    if r == REFUSED and rid in by_id and rid in answer.reasons}
         await self.apply(peer.node_id, session.on_answer(delivered=delivered, refused=refused, ack=answer.ack))
+        if answer.ack is not None:
+            await self._note_held(peer.node_id, session.held_unknown([answer.ack.upto, *answer.ack.have]))
         unexplained = [rid for rid, r in answer.results.items() if r == REFUSED and rid not in answer.reasons]
         if unexplained:                   # a recipient that does not say why: try again later
             raise RemoteProtocolError(f"{len(unexplained)} record(s) refused by the recipient")
 
     async def _push_large(self, peer: Peer, contact: dict, session: SenderSession, unit: SendRecord) -> None:
         seq, rid = unit.offer.seq, unit.offer.record_id
-        row = await self.ports.store.call(records.get_record, rid)
+        row = await self.ports.store.call(records.get_record, rid, None, "out")
         await self.apply(peer.node_id, session.on_attempt(seq))
         progress = _Progress(self, rid, peer.node_id)
         answer = PutAnswer.from_wire(await self.ports.client.push_record(
@@ -220,11 +245,25 @@ class Courier(Loop):
                 Receipt.verify(answer.receipt, contact["sign_key"], rid)
             effects = session.on_answer(delivered={seq: answer.receipt}, refused={}, ack=answer.ack)
         await self.apply(peer.node_id, effects)
+        if answer.ack is not None:
+            await self._note_held(peer.node_id, session.held_unknown([answer.ack.upto, *answer.ack.have]))
 
     async def _read(self, record_id: str, offset: int) -> AsyncIterator[bytes]:
         it = blobstore.iter_source(self.ports.blobs.path(record_id), offset)
         while (piece := await asyncio.to_thread(next, it, None)) is not None:
             yield piece
+
+
+def _not_sent_because(contact: dict) -> str | None:
+    """Why nothing goes to this contact, named by its state (contacts.contact_state), or None."""
+    state = contact_state(contact)
+    if state == REPLACED:
+        return f"{REPLACED}: nothing more is sent to the old key"
+    if state == REVOKED:
+        return f"{REVOKED}: nothing is sent"
+    if state == HELD:
+        return f"{HELD}: check the safety code first"
+    return None
 
 
 def _check_receipts(receipts: dict[str, bytes], sign_key: bytes) -> None:
@@ -361,12 +400,16 @@ class Puller(Loop):
                     # Refused (and logged) by the intake: go on with the others.
                     log.warning("record %s from %s not taken: %s", effect.item.record_id, peer.node_id,
                                 exc.code if isinstance(exc, RecordRefused) else exc)
+        void = session.skip(batch)        # the sender was restored: seqs it will never send
+        if void is not None:
+            session.on_committed(await self.ports.store.call(records.skip_void, peer.node_id, *void))
+            log.info("%s was restored from a backup: sequence numbers %d..%d skipped", peer.node_id, *void)
         return new
 
     async def _download(self, peer: Peer, fetch: Fetch) -> int:
         item, intake = fetch.item, self.intake
         head, key = await intake.check_head(item.head, record_id=item.record_id, sender=peer.node_id, seq=item.seq)
-        offset = intake.have(item.record_id)
+        offset = intake.have(item.record_id, peer.node_id)
         out = await intake.stream(peer.node_id, head, key, offset,
                                   self.ports.client.download_body(peer, item.record_id, offset), item.seq)
         return 1 if out.status == STORED else 0

@@ -33,8 +33,8 @@ class NodeHandler:
     def descriptor_bytes(self) -> bytes:
         return self.own.current.signed
 
-    async def sign_key_for(self, node_id: str) -> bytes | None:
-        return await self.contacts.sign_key_for(node_id)
+    async def pinned_key(self, node_id: str) -> tuple[bytes | None, str | None]:
+        return await self.contacts.pinned_key(node_id)
 
     async def receive_descriptor(self, caller: str, raw: bytes) -> Answer:
         """A contact hands us its new descriptor (rotated key, new address, revocation)."""

@@ -5,7 +5,14 @@ The order is always the same: the head's signature first, then that the
 claimed sender is who we are talking to and that one key slot opens with our
 key; the body is hashed and decrypted as it arrives; only a body that passed
 every check is made durable and committed, and only then is it acknowledged.
-A partial body waits in incoming/ for the rest and is never listed.
+A partial body waits in incoming/<sender>-<id>.body for the rest and is never
+listed; a record is its sender's ID and its own, so no other sender can take
+its place or touch its partial body.
+
+Every upload and batch first reserves its bytes (quota.py): over the sender's
+quota or into the disk's reserve, it is refused for now (507, never an ack).
+A partial body with no progress for the configured time is collected by the
+sweep (`sweep`, run by the node at start and then periodically).
 
 A record that can never be taken (a head that does not verify, not for us,
 from someone else, an ID another record holds, or a whole signed body that
@@ -27,7 +34,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,19 +41,21 @@ from typing import AsyncIterator, Iterator
 
 from ..core import wire
 from ..core.envelope import Head, Manifest, open_bytes
-from ..core.errors import InvalidEnvelope, ProtocolError, StoreError
+from ..core.errors import CabinetError, InvalidEnvelope, ProtocolError, StoreError
 from ..store import blobs as blobstore
 from ..store import records
 from ..sync.messages import DUPLICATE, MAX_SMALL_BODY, REFUSED, STORED, Ack, PushItem
 from ..sync.session import FillGap, RecipientSession
 from .events import RecordReceived, Refusal
+from .loop import Loop
 from .ports import Ports
-from .rows import place_sealed, record_row
+from .quota import Quota, QuotaFull, Reservation, disk_of, limits_of
+from .rows import record_row
 
 log = logging.getLogger("cabinet.intake")
 WRITE_BATCH = 1 << 20
 IN_FLIGHT = 3
-DISK_MARGIN = 64 << 20
+SWEEP_EVERY = 3600.0            # seconds between sweeps of incoming/
 
 
 class RecordRefused(InvalidEnvelope):
@@ -57,6 +65,10 @@ class RecordRefused(InvalidEnvelope):
     def __init__(self, code: str, ack: Ack | None = None) -> None:
         super().__init__()
         self.code, self.ack = code, ack
+
+
+class Interrupted(CabinetError):
+    """The sender went away mid-upload; what arrived is kept for resuming (logged in one line)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +91,12 @@ class BatchOutcome:
 class Intake:
     def __init__(self, ports: Ports) -> None:
         self.ports = ports
-        self._busy: set[str] = set()
+        self._busy: set[tuple[str, str]] = set()            # (sender, record ID) being received
         self._sessions: dict[str, RecipientSession] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cabinet-intake")
+        self.quota = Quota(limits_of(ports.config), disk_of(ports.folder))
+        self.quota.load(p for p in ports.blobs.partials() if p.sender)
+        self.sweeper = Loop("cabinet-sweep", self.sweep)      # started by the running node (Node.serve)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -124,8 +139,13 @@ class Intake:
                 code = "wrong-sender"
                 raise InvalidEnvelope()
             return head, head.content_key(self.ports.identity)
-        except (InvalidEnvelope, ProtocolError) as exc:
+        except InvalidEnvelope as exc:
             raise RecordRefused(code, await self.refused(record_id, sender, exc, seq=seq, code=code)) from None
+        except ProtocolError as exc:
+            # Malformed rather than unverifiable: the refusal is kept for this stream position all
+            # the same (the cursor moves on; the next ack says so), and the caller is told why (400).
+            await self.refused(record_id, sender, exc, seq=seq, code=code)
+            raise
 
     async def refusal_of(self, sender: str, seq: int | None) -> str | None:
         """If this stream position was already refused for good, why (a retry gets the same answer)."""
@@ -136,9 +156,17 @@ class Intake:
             return session.refused[seq]
         return await self.ports.store.call(records.refused_from, sender, seq)
 
-    def have(self, record_id: str) -> int:
+    def have(self, record_id: str, sender: str | None = None) -> int:
+        """Bytes of `sender`'s partial body for this record (without a sender: the only one there is)."""
+        if sender is None:
+            found = list(self.ports.blobs.incoming.glob(f"*-{record_id}.body"))
+            if len(found) != 1:
+                return 0
+            path = found[0]
+        else:
+            path = self.ports.blobs.incoming_path(record_id, sender)
         try:
-            return self.ports.blobs.incoming_path(record_id).stat().st_size
+            return path.stat().st_size
         except FileNotFoundError:             # none, or just moved into place
             return 0
 
@@ -146,9 +174,9 @@ class Intake:
                      seq: int | None) -> Outcome:
         """Receive a body from `offset` on; commit it when complete."""
         store, rid = self.ports.store, head.header.id_hex
-        stored = await store.call(records.stored_from, rid)
+        stored = await store.call(records.stored_from, rid, sender)
         if stored is not None:
-            if stored != (sender, head.raw):        # another record already holds this ID
+            if stored != head.raw:                  # the sender's other record under this ID
                 raise RecordRefused("id-taken", await self.refused(rid, sender, InvalidEnvelope(), seq=seq,
                                                                    code="id-taken"))
             if not seq:
@@ -156,39 +184,52 @@ class Intake:
             _, ack = await store.call(records.insert_received, [self._row(head, None, seq, None)],
                                       sender=sender, now=self.ports.clock())
             return Outcome(DUPLICATE, ack=ack, gap=await self._committed(sender, ack))
-        if rid in self._busy:
+        if (sender, rid) in self._busy:
             return Outcome("busy")
-        self._busy.add(rid)
+        self._busy.add((sender, rid))
         try:
-            with _exclusive(self.ports.blobs.incoming_path(rid)) as mine:
+            with _exclusive(self.ports.blobs.incoming_path(rid, sender)) as mine:
                 if not mine:                   # another process (cabinet run, or a command) is on it
                     return Outcome("busy")
-                return await self._receive(sender, head, key, offset, body, seq)
+                return await self._reserved(sender, head, key, offset, body, seq)
         finally:
-            self._busy.discard(rid)
+            self._busy.discard((sender, rid))
 
-    async def _receive(self, sender: str, head: Head, key: bytes, offset: int, body: AsyncIterator[bytes],
-                       seq: int | None) -> Outcome:
-        ports, h, rid = self.ports, head.header, head.header.id_hex
-        have = self.have(rid)
+    async def _reserved(self, sender: str, head: Head, key: bytes, offset: int, body: AsyncIterator[bytes],
+                        seq: int | None) -> Outcome:
+        """Hold the body's bytes against the sender's quota for as long as the upload runs."""
+        rid, size = head.header.id_hex, head.header.body_size
+        have = self.have(rid, sender)
         if offset != have:
             return Outcome("offset", have=have)
-        free = await asyncio.to_thread(lambda: shutil.disk_usage(ports.folder).free)
-        if free < (h.body_size - have) + DISK_MARGIN:
-            exc = StoreError("not enough disk space for this record; try again later")
+        try:
+            held = self.quota.reserve(sender, size, record_id=rid, have=have)
+        except QuotaFull as exc:
             await self.refused(rid, sender, exc)
-            raise exc
-        inbound = await self._run(blobstore.Inbound, ports.blobs.incoming_path(rid), h, key)
+            raise
+        try:
+            return await self._receive(sender, head, key, have, body, seq, held)
+        finally:
+            held.release(kept=self.have(rid, sender))
+
+    async def _receive(self, sender: str, head: Head, key: bytes, have: int, body: AsyncIterator[bytes],
+                       seq: int | None, held: Reservation) -> Outcome:
+        ports, h, rid = self.ports, head.header, head.header.id_hex
+        inbound = await self._run(blobstore.Inbound, ports.blobs.incoming_path(rid, sender), h, key)
         try:
             await self._pump(inbound, body)
             log.info("record %s: %d body bytes received from offset %d", rid, inbound.size - have, have)
         except (InvalidEnvelope, StoreError) as exc:
             await self._discard(inbound, rid, sender, exc)
             raise
-        except BaseException:
-            # The other side went away mid-transfer: keep what arrived, for resuming.
+        except BaseException as exc:
+            # The other side went away mid-transfer: keep what arrived, for resuming. One line,
+            # never a traceback: a cut connection is an everyday event.
             await asyncio.shield(self._run(inbound.close))
-            log.info("record %s: transfer interrupted at %d of %d bytes", rid, inbound.size, h.body_size)
+            log.info("record %s from %s: transfer interrupted at %d of %d bytes; kept for resuming",
+                     rid, sender, inbound.size, h.body_size)
+            if isinstance(exc, Exception) and not isinstance(exc, CabinetError):
+                raise Interrupted("transfer interrupted") from None
             raise
         if not inbound.complete:
             await self._run(inbound.close)
@@ -198,10 +239,10 @@ class Intake:
         except InvalidEnvelope as exc:
             await self._discard(inbound, rid, sender, exc)
             raise
-        inline = await self._run(place_sealed, ports, inbound.path, rid, h.body_size)
+        inline = await self._run(_place_received, ports, inbound.path, rid, sender, h.body_size)
         row = self._row(head, manifest, seq, inline)
         new, ack = await ports.store.call(records.insert_received, [row], sender=sender, now=ports.clock())
-        if new[0] is None:                        # another record took this ID meanwhile
+        if new[0] is None:                        # the sender's other record took this ID meanwhile
             raise RecordRefused("id-taken", await self.refused(rid, sender, InvalidEnvelope(), seq=seq,
                                                                code="id-taken"))
         log.info("record %s received from %s (%d bytes)", rid, sender, h.body_size)
@@ -214,6 +255,13 @@ class Intake:
         The items come in a signed request or a signed answer, whole: a failure is for good.
         """
         out = BatchOutcome()
+        held = self.quota.reserve(sender, sum(len(i.body) + len(i.head) for i in items))
+        try:
+            return await self._small(sender, items, out)
+        finally:
+            held.release()
+
+    async def _small(self, sender: str, items: list[PushItem], out: BatchOutcome) -> BatchOutcome:
         checked = await self._run(self._verify_all, sender, items)
         rows = []
         for item, row in zip(items, checked):
@@ -272,6 +320,19 @@ class Intake:
         inbound.path.unlink(missing_ok=True)
         await self.refused(rid, sender, exc)
 
+    async def sweep(self) -> float:
+        """Collect partial bodies with no progress for the configured time (and unreadable
+        leftovers); returns the delay until the next sweep (a Loop round)."""
+        expiry, now = self.quota.limits.expiry_ms, self.ports.clock()
+        for p in await asyncio.to_thread(self.ports.blobs.partials):
+            if now - p.mtime_ms < expiry or (p.sender, p.record_id) in self._busy:
+                continue
+            if await asyncio.to_thread(_collect, p.path):
+                self.quota.forget(p.sender, p.record_id)
+                log.info("record %s from %s: partial body of %d bytes expired and removed",
+                         p.record_id, p.sender or "an earlier version", p.size)
+        return SWEEP_EVERY
+
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
@@ -315,6 +376,34 @@ def _exclusive(path: Path) -> Iterator[bool]:
                 path.unlink()                  # nothing arrived: leave no empty partial behind
     finally:
         os.close(fd)
+
+
+def _collect(path: Path) -> bool:
+    """Remove a partial body unless someone (another process) is writing it."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    else:
+        path.unlink(missing_ok=True)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _place_received(ports: Ports, tmp: Path, record_id: str, sender: str, size: int) -> bytes | None:
+    """A small received body goes into SQLite with its row (returned); a large one into blobs/
+    under its sender's name, durably. Blocks: run it in a worker thread."""
+    if size <= blobstore.INLINE_MAX:
+        data = tmp.read_bytes()
+        tmp.unlink()
+        return data
+    ports.blobs.commit(tmp, record_id, sender)
+    return None
 
 
 def _peek_id(head_raw: bytes) -> str:

@@ -8,12 +8,18 @@ Handler that answers them.
 
 A record is sent to a practitioner under a grant (or an emergency) by sealing
 a fresh copy for them: the holding node opens its own copy (it is always a
-recipient of what it holds), streams the same plaintext, manifest and
-attachments unchanged, into a new envelope for the requester and itself, and
-queues it in the outbox like any referral. The original's header is signed by
-whoever wrote it and names its recipients, so it cannot be re-addressed; a new
-envelope from the holding practice is the honest statement of who sent what to
-whom. No plaintext touches the disk; memory stays constant.
+recipient of what it holds), streams the same plaintext and attachments into a
+new envelope for the requester and itself, and queues it in the outbox like
+any referral. The original's header is signed by whoever wrote it and names
+its recipients, so it cannot be re-addressed; a new envelope from the holding
+practice is the honest statement of who sent what to whom, and the original's
+signed head rides in the copy's structured data (core/audit_docs.py) so the
+reader still sees who wrote it, when, and under which ID. No plaintext touches
+the disk; memory stays constant.
+
+A grant is not an amplifier: a record already copied to a requester (under any
+grant, or in an emergency) is not sealed for it again, and each grant is
+used at most `grant_uses_per_hour` times in any hour.
 
 `now` (Unix ms), when given, overrides the node's clock for one call (tests of
 expiry); otherwise the node's one clock, `ports.clock`, is used.
@@ -22,6 +28,7 @@ expiry); otherwise the node's one clock, `ports.clock`, is used.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -32,6 +39,7 @@ from pathlib import Path
 from typing import Callable, NoReturn, Protocol
 
 from ..core import consent, wire
+from ..core.audit_docs import wrap_copy_data
 from ..core.card import Card, check_history, history_request, read_history_request
 from ..core.envelope import BodyParser, Decryptor, Head, Header, Manifest, Recipient, Sealer
 from ..core.errors import ConsentRefused, InvalidEnvelope, UsageError
@@ -50,6 +58,8 @@ from .rows import place_sealed, record_row
 log = logging.getLogger("cabinet.patients")
 MAX_REASON = 500
 MIN_REASON = 10
+GRANT_USES_PER_HOUR = 20
+TOO_MANY_USES = "too many uses of this grant; try again later"
 
 
 class Waker(Protocol):
@@ -89,9 +99,38 @@ def _narrower(want: str, scope: str, category_of: dict[str, str | None]) -> bool
     return False
 
 
-def reseal(source: blobstore.Source, header: Header, key: bytes, sealer: Sealer, dest: Path) -> tuple[Manifest, int, bytes]:
-    """Stream a stored record's plaintext into a new envelope at `dest`; (manifest, size, SHA-256)."""
-    dec, parser = Decryptor(header, key), BodyParser()
+class _Rewriter:
+    """Passes a record's plaintext through, with its manifest's structured data replaced by `data_of(old)`."""
+
+    def __init__(self, data_of: Callable[[str], str]) -> None:
+        self.data_of, self.parser, self._held = data_of, BodyParser(), b""
+        self.manifest: Manifest | None = None
+
+    def feed(self, plain: bytes) -> bytes:
+        self.parser.feed(plain)
+        if self.manifest is not None:
+            return plain
+        self._held += plain
+        if self.parser.manifest is None:
+            return b""
+        old = self.parser.manifest
+        self.manifest = dataclasses.replace(old, data=self.data_of(old.data))
+        raw = self.manifest.to_wire()
+        rest = self._held[4 + int.from_bytes(self._held[:4], "big"):]
+        self._held = b""
+        return len(raw).to_bytes(4, "big") + raw + rest
+
+    def finish(self) -> Manifest:
+        self.parser.finish()
+        assert self.manifest is not None
+        return self.manifest
+
+
+def reseal(source: blobstore.Source, header: Header, key: bytes, sealer: Sealer, dest: Path,
+           data_of: Callable[[str], str] = lambda d: d) -> tuple[Manifest, int, bytes]:
+    """Stream a stored record's plaintext into a new envelope at `dest`, the structured data
+    rewritten by `data_of`; returns (the new manifest, size, SHA-256)."""
+    dec, rewriter = Decryptor(header, key), _Rewriter(data_of)
     src_hash, out_hash = hashlib.sha256(), hashlib.sha256()
     try:
         with open(dest, "wb") as out:
@@ -102,12 +141,9 @@ def reseal(source: blobstore.Source, header: Header, key: bytes, sealer: Sealer,
             for piece in blobstore.iter_source(source):
                 src_hash.update(piece)
                 for plain in dec.feed(piece):
-                    parser.feed(plain)
-                    emit(sealer.push(plain))
-            last = dec.finish()
-            parser.feed(last)
-            emit(sealer.push(last) + [sealer.finish()])
-            manifest = parser.finish()
+                    emit(sealer.push(rewriter.feed(plain)))
+            emit(sealer.push(rewriter.feed(dec.finish())) + [sealer.finish()])
+            manifest = rewriter.finish()
             if src_hash.digest() != header.body_sha256:
                 raise InvalidEnvelope()
             size = out.tell()
@@ -124,7 +160,14 @@ class PatientService:
         self.courier, self.puller, self._serving = courier, puller, serving
         self.store = ports.store
         self.skew_seconds = consent.DEFAULT_SKEW
+        self.grant_uses_per_hour = int(getattr(ports.config, "grant_uses_per_hour", GRANT_USES_PER_HOUR))
         self._schema = False
+        self._busy: dict[str, asyncio.Lock] = {}       # one request at a time per requester
+
+    @property
+    def vault(self) -> sp.Vault:
+        """The folder's storage and index keys, which seal and index what is stored about patients."""
+        return sp.Vault(self.ports.keys.storage_key, self.ports.keys.index_key)
 
     @property
     def clock(self) -> Callable[[], int]:
@@ -142,7 +185,7 @@ class PatientService:
     async def _now(self, now: int | None) -> int:
         """`now`, or the consent clock's; and the tables exist (whether or not db.SCHEMA has them yet)."""
         if not self._schema:
-            await self.store.call(sp.ensure_schema)
+            await self.store.call(sp.ensure_schema, self.vault)
             self._schema = True
         return self.ports.now() if now is None else now
 
@@ -157,13 +200,13 @@ class PatientService:
         if seed is None and public_key is None:
             seed, _ = consent.new_patient_key()
         card = Card.create(self.node_id, ref, seed=seed, public_key=public_key)
-        await self.store.call(sp.enroll, ref, card.public_key, card.key_id, await self._now(now), replace=replace)
+        await self.store.call(sp.enroll, self.vault, ref, card.public_key, card.key_id, await self._now(now), replace=replace)
         return card
 
     async def link(self, record_ref: str, patient_ref: str, category: str | None = None, *,
                    now: int | None = None) -> str:
         record_id = (await self.store.call(records.get_record, record_ref))["id"]
-        await self.store.call(sp.link, record_id, patient_ref, category, await self._now(now))
+        await self.store.call(sp.link, self.vault, record_id, patient_ref, category, await self._now(now))
         return record_id
 
     # --- revocation ----------------------------------------------------------------
@@ -172,15 +215,15 @@ class PatientService:
         """File a patient-signed revocation under the key that signed it; returns the revoked grant ID."""
         now = await self._now(now)
         kid = _peek_kid(token)
-        row = await self.store.call(sp.patient_by_key, kid) if kid else None
+        row = await self.store.call(sp.patient_by_key, self.vault, kid) if kid else None
         try:
             rev = consent.read_revocation(token, {kid: row["public_key"]} if kid and row else {}, now,
                                           self.skew_seconds)
         except ConsentRefused as exc:
-            await self.store.call(sp.log, at=now, event="revocation-refused", peer=caller,
+            await self.store.call(sp.log, self.vault, at=now, event="revocation-refused", peer=caller,
                                   patient=row["patient_ref"] if row else None, why=str(exc)[:300])
             raise
-        await self.store.call(sp.add_revocation, key_id=rev.issuer, jti=rev.revokes, token=token, now=now, peer=caller)
+        await self.store.call(sp.add_revocation, self.vault, key_id=rev.issuer, jti=rev.revokes, token=token, now=now, peer=caller)
         return rev.revokes
 
     # --- access requests ----------------------------------------------------------------
@@ -197,18 +240,34 @@ class PatientService:
         if contact is None or contact.get("held") or contact.get("revoked"):
             await self._refuse(requester, now, f"{requester} is not a confirmed contact of this practice: "
                                                "nothing is sent to it")
-        if token is None:
-            return await self._break_glass(requester, reason, patient_ref, want, now)
+        lock = self._busy.setdefault(requester, asyncio.Lock())
+        async with lock:       # two requests at once must not both see a record as not yet sent
+            if token is None:
+                return await self._break_glass(requester, reason, patient_ref, want, now)
+            return await self._granted(requester, token, want, now)
+
+    async def _granted(self, requester: str, token: str, want: str | None, now: int) -> list[str]:
         grant, patient = await self._check(requester, token, now)
         ref = patient["patient_ref"]
-        chosen = await self._in_scope(requester, ref, grant.scope, want, now, grant=grant.jti)
-        await self.store.call(sp.grant_used, key_id=patient["key_id"], jti=grant.jti, ref=ref, audience=requester,
-                              scope=want or grant.scope, expires=grant.exp, count=len(chosen), now=now)
+        if not await self.store.call(sp.take_grant_use, self.vault, jti=grant.jti, now=now,
+                                     per_hour=self.grant_uses_per_hour):
+            await self._refuse(requester, now, TOO_MANY_USES, patient=ref, grant=grant.jti)
+        chosen = await self._new_in_scope(requester, ref, grant.scope, want, now, grant=grant.jti)
+        await self.store.call(sp.grant_used, self.vault, key_id=patient["key_id"], jti=grant.jti, ref=ref,
+                              audience=requester, scope=want or grant.scope, expires=grant.exp, count=len(chosen),
+                              now=now)
         return await self._send(requester, ref, chosen, now, grant=grant.jti)
+
+    async def _new_in_scope(self, requester: str, ref: str, scope: str, want: str | None, now: int, *,
+                            grant: str | None) -> list[str]:
+        """The records in scope that were not already sent to this requester, however they were."""
+        chosen = await self._in_scope(requester, ref, scope, want, now, grant=grant)
+        sent = await self.store.call(sp.sent_to, self.vault, ref, requester)
+        return [rid for rid in chosen if rid not in sent]
 
     async def _refuse(self, requester: str, now: int, why: str, *, patient: str | None = None,
                       grant: str | None = None, event: str = "access-refused") -> NoReturn:
-        await self.store.call(sp.log, at=now, event=event, peer=requester, patient=patient, grant=grant,
+        await self.store.call(sp.log, self.vault, at=now, event=event, peer=requester, patient=patient, grant=grant,
                               why=why[:300])
         self.ports.publish(Refusal(at=self.ports.now(), peer=requester, reason="consent"))
         self.ports.publish(AuditAppended(at=self.ports.now(), event=event))
@@ -217,9 +276,9 @@ class PatientService:
 
     async def _check(self, requester: str, token: str, now: int) -> tuple[consent.Grant, dict]:
         kid = _peek_kid(token)
-        row = await self.store.call(sp.patient_by_key, kid) if kid else None
+        row = await self.store.call(sp.patient_by_key, self.vault, kid) if kid else None
         keys = {kid: row["public_key"]} if kid and row else {}
-        revoked = await self.store.call(sp.revoked, kid) if row else set()
+        revoked = await self.store.call(sp.revoked, self.vault, kid) if row else set()
         try:
             grant = consent.check_grant(token, patient_public_keys=keys, expected_audience=requester, now=now,
                                         revoked=revoked, skew_seconds=self.skew_seconds)
@@ -234,7 +293,7 @@ class PatientService:
 
     async def _in_scope(self, requester: str, ref: str, scope: str, want: str | None, now: int, *,
                         grant: str | None) -> list[str]:
-        rows = await self.store.call(sp.records_of, ref)
+        rows = await self.store.call(sp.records_of, self.vault, ref)
         category_of = {r["record_id"]: r["category"] for r in rows}
         for asked in (scope, want):
             if asked and asked.startswith("record:") and asked[7:] not in category_of:
@@ -260,15 +319,15 @@ class PatientService:
             await self._refuse(requester, now, f"an emergency request needs a written reason "
                                                f"({MIN_REASON} to {MAX_REASON} characters)", **flag)
         try:
-            patient = await self.store.call(sp.patient, sp.check_ref(ref or ""))
+            patient = await self.store.call(sp.patient, self.vault, sp.check_ref(ref or ""))
         except UsageError:
             await self._refuse(requester, now, "an emergency request names an enrolled patient reference", **flag)
         ref = patient["patient_ref"]
         if not await self.store.call(sp.break_glass_allowed, requester):
             await self._refuse(requester, now, f"emergency access without a grant is not allowed for {requester} "
                                                "at this practice", patient=ref, **flag)
-        chosen = await self._in_scope(requester, ref, "all", want, now, grant=None)
-        await self.store.call(sp.log, at=now, event="break-glass", peer=requester, patient=ref, reason=reason,
+        chosen = await self._new_in_scope(requester, ref, "all", want, now, grant=None)
+        await self.store.call(sp.log, self.vault, at=now, event="break-glass", peer=requester, patient=ref, reason=reason,
                               scope=want or "all", records=len(chosen))
         log.warning("BREAK-GLASS access by %s to a patient's records (%d record(s))", requester, len(chosen))
         return await self._send(requester, ref, chosen, now, emergency=True)
@@ -292,11 +351,13 @@ class PatientService:
         sealer = Sealer(sender=p.identity, recipients=[recipient], kind="referral", created=p.now())
         copy_id = sealer.record_id.hex()
         tmp = p.blobs.incoming / f"{copy_id}.sealing"
-        source = row["body"] if row["body"] is not None else p.blobs.path(original)
-        manifest, size, digest = await asyncio.to_thread(reseal, source, head.header, key, sealer, tmp)
+        source = row["body"] if row["body"] is not None else p.blobs.path(
+            row["id"], row["sender"] if row["direction"] == "in" else None)
+        data_of = lambda d: wrap_copy_data(d, original_head=head.raw, grant=grant, emergency=emergency)  # noqa: E731
+        manifest, size, digest = await asyncio.to_thread(reseal, source, head.header, key, sealer, tmp, data_of)
         new_head = sealer.head(body_size=size, body_sha256=digest)
         # Logged before it is queued: an audit may over-report a send after a crash, never hide one.
-        await self.store.call(sp.link_copy, copy=copy_id, original=original, ref=ref, requester=requester, now=now,
+        await self.store.call(sp.link_copy, self.vault, copy=copy_id, original=original, ref=ref, requester=requester, now=now,
                               grant=grant, emergency=emergency)
         body = await asyncio.to_thread(place_sealed, p, tmp, copy_id, size)
         new_row = dict(record_row(p, Head.from_wire(new_head).header, new_head, manifest, "out"), body=body)
@@ -310,22 +371,22 @@ class PatientService:
     async def history(self, patient_ref: str, *, caller: str | None = None, now: int | None = None) -> bytes:
         """The patient's history, signed by this practice; giving it out is logged (and listed in it)."""
         now = await self._now(now)
-        await self.store.call(sp.patient, patient_ref)
-        await self.store.call(sp.log, at=now, event="history-given", peer=caller, patient=patient_ref)
-        return await self.store.call(sp.signed_history, self.ports.identity, patient_ref, now)
+        await self.store.call(sp.patient, self.vault, patient_ref)
+        await self.store.call(sp.log, self.vault, at=now, event="history-given", peer=caller, patient=patient_ref)
+        return await self.store.call(sp.signed_history, self.vault, self.ports.identity, patient_ref, now)
 
     async def history_for(self, request_token: str, *, caller: str, now: int | None = None) -> bytes:
         """Answer a patient-signed history request carried by node `caller`."""
         now = await self._now(now)
         kid = _peek_kid(request_token)
-        row = await self.store.call(sp.patient_by_key, kid) if kid else None
+        row = await self.store.call(sp.patient_by_key, self.vault, kid) if kid else None
         try:
             if row is None:
                 raise ConsentRefused("unknown patient key: it is not enrolled at this practice")
             read_history_request(request_token, public_key=row["public_key"], patient_ref=row["patient_ref"],
                                  practice=self.node_id, caller=caller, now=now)
         except ConsentRefused as exc:
-            await self.store.call(sp.log, at=now, event="history-refused", peer=caller,
+            await self.store.call(sp.log, self.vault, at=now, event="history-refused", peer=caller,
                                   patient=row["patient_ref"] if row else None, why=str(exc)[:300])
             raise
         return await self.history(row["patient_ref"], caller=caller, now=now)
@@ -344,11 +405,11 @@ class PatientService:
     async def flagged(self) -> list[dict]:
         """Emergency accesses and refusals, for the practice to review."""
         await self._now(None)
-        return await self.store.call(sp.flagged)
+        return await self.store.call(sp.flagged, self.vault)
 
     async def allow_break_glass(self, who: str, allowed: bool = True, *, now: int | None = None) -> None:
         who = sp.ANY if who in ("*", "any") else (await self.contacts.get(who))["node_id"]
-        await self.store.call(sp.set_break_glass, who, allowed, await self._now(now))
+        await self.store.call(sp.set_break_glass, self.vault, who, allowed, await self._now(now))
 
     # --- the requesting side ---------------------------------------------------------------
 

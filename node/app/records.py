@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import dataclasses
 import datetime
 import errno
+import hashlib
 import logging
 import mimetypes
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol, Sequence
+from typing import IO, Any, AsyncGenerator, Callable, Iterator, Protocol, Sequence
 
 from ..core import envelope
-from ..core.envelope import Attachment, Head, Manifest, Recipient, Sealer
-from ..core.errors import NotFound, TooLarge, UsageError
+from ..core.audit_docs import Origin, unwrap_copy_data
+from ..core.envelope import Attachment, BodyParser, Decryptor, Head, Manifest, Recipient, Sealer
+from ..core.errors import InvalidEnvelope, NotFound, TooLarge, UsageError
 from ..core.identity import Descriptor, parse_node_id
 from ..core.names import name_words
 from ..store import blobs as blobstore
@@ -59,10 +62,47 @@ class Summary:
 
 
 @dataclass(frozen=True, slots=True)
+class Provenance:
+    """A copy obtained with a patient's grant (or in an emergency): who wrote the original, and how it came.
+
+    `checked` says against which key the original author's signature was checked:
+    "contact" (the key of a contact with that node ID), "self" (our own key), "head"
+    (only the key inside the signed head: the author is not a contact), "mismatch"
+    (a contact has that node ID but another key) or "invalid" (the head does not verify).
+    """
+
+    author: str                 # node ID of the original's author ("" when the head does not verify)
+    author_name: str            # a contact's name, or the node ID
+    written: int                # the original's creation time (Unix ms), from its signed head
+    record_id: str              # the original's record ID
+    via: str                    # node ID of the practice that sealed the copy
+    via_name: str
+    grant: str | None
+    emergency: bool
+    checked: str
+
+    def describe(self, when: Callable[[int], str] = lambda ms: datetime.datetime.fromtimestamp(
+            ms / 1000, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")) -> str:
+        how = "in an emergency access (break-glass)" if self.emergency else \
+            f"with the patient's grant {self.grant}"
+        if self.checked == "invalid":
+            return (f"Obtained from {self.via_name} {how}; the original author's signed record it carries "
+                    "does not verify: the author, date and ID are unknown")
+        line = (f"Written by {self.author_name} on {when(self.written)} (record {self.record_id}); "
+                f"obtained from {self.via_name} {how}")
+        return line + {"contact": "; the author's signature checked against your contact's key",
+                       "self": "; the author's signature checked against this practice's own key",
+                       "head": "; the author is not one of your contacts: the signature was checked against "
+                               "the key in the record only",
+                       "mismatch": "; WARNING: the author's key is NOT the one you know for this contact"}[self.checked]
+
+
+@dataclass(frozen=True, slots=True)
 class RecordView:
     summary: Summary
     recipients: tuple[str, ...]
     manifest: Manifest
+    provenance: Provenance | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +110,40 @@ class SendResult:
     record_id: str
     deliveries: dict[str, str]      # recipient node ID -> queued / delivered
     errors: dict[str, str]          # recipient node ID -> why it is still queued
+
+
+RESEND_WINDOW_MS = 10 * 60_000          # a second identical send within this is probably a slip
+
+
+@dataclass(frozen=True, slots=True)
+class EarlierCopy:
+    """A referral already sent with the same recipients, patient, letter and files."""
+    record_id: str
+    created: int
+    recipients: tuple[str, ...]
+
+
+class _HashSink:
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self._h.update(data)
+        return len(data)
+
+    def close(self) -> None:
+        pass
+
+    def digest(self) -> bytes:
+        return self._h.digest()
+
+
+def _file_digest(path: Path) -> bytes:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.digest()
 
 
 class Deliverer(Protocol):
@@ -142,6 +216,55 @@ class Records:
         states = {d["recipient"]: d["state"] for d in await p.store.call(records.deliveries, record_id)}
         return SendResult(record_id, states, errors)
 
+    async def earlier_copy(self, *, to: Sequence[str], patient: str, born: str = "", letter: str | Path = "",
+                           attachments: Sequence[str | Path] = (),
+                           window_ms: int = RESEND_WINDOW_MS) -> EarlierCopy | None:
+        """The same referral sent within `window_ms`: same recipients, patient, letter and files (by
+        content digest). Cheap checks (recipients, patient, names and sizes) come first; the stored
+        record is decrypted and hashed only for a candidate that passes them."""
+        p = self.ports
+        ids = frozenset([(await self.contacts.get(t))["node_id"] for t in to])
+        born = check_born(born)
+        since = p.now() - window_ms
+        rows = [r for r in await p.store.call(records.list_records, "out", None, None, 50)
+                if r["created"] >= since and r["kind"] == "referral"]
+        candidates = []
+        for row in rows:
+            meta = records.open_meta(p.keys.storage_key, row["meta"])
+            if meta["patient"] != patient.strip() or meta["born"] != born:
+                continue
+            if frozenset(d["recipient"] for d in await p.store.call(records.deliveries, row["id"])) == ids:
+                candidates.append((row, [(a[0], a[1]) for a in meta["att"]]))
+        if not candidates:
+            return None
+        letter_text, letter_file = await _letter_text(letter)
+        files = [letter_file, *attachments] if letter_file is not None else list(attachments)
+        paths, atts = await asyncio.to_thread(check_attachments, files)
+        wanted = [(a.name, a.size) for a in atts]
+        digests: builtins.list[bytes] | None = None
+        for row, att in candidates:
+            if att != wanted:
+                continue
+            if digests is None:
+                digests = await asyncio.to_thread(lambda: [_file_digest(x) for x in paths])
+            stored_letter, stored = await asyncio.to_thread(self._content_digests, row)
+            if stored_letter == letter_text and stored == digests:
+                return EarlierCopy(record_id=row["id"], created=row["created"], recipients=tuple(sorted(ids)))
+        return None
+
+    def _content_digests(self, row: dict) -> tuple[str, builtins.list[bytes]]:
+        """The letter and the SHA-256 of each attachment of a stored record (worker thread)."""
+        head = Head.from_wire(row["head"])
+        key = head.content_key(self.ports.identity)
+        sinks: dict[int, _HashSink] = {}
+
+        def open_sink(i: int, manifest: Manifest) -> IO[Any]:
+            sinks[i] = _HashSink()
+            return sinks[i]  # type: ignore[return-value]
+
+        manifest = blobstore.open_to_files(self._source(row), head.header, key, open_sink)
+        return manifest.letter, [sinks[i].digest() for i in range(len(manifest.attachments))]
+
     async def outbox(self, record: str | None = None) -> list[dict]:
         rid = (await self.ports.store.call(records.get_record, record))["id"] if record else None
         return await self.ports.store.call(records.deliveries, rid)
@@ -190,8 +313,32 @@ class Records:
         key = head.content_key(p.identity)
         manifest = await asyncio.to_thread(blobstore.read_manifest, self._source(row), head.header, key)
         await self._opened(row, audit_event)
-        return RecordView(self._summary(row, await self.contacts.names()), tuple(head.header.recipient_ids),
-                          manifest)
+        names = await self.contacts.names()
+        origin, data = unwrap_copy_data(manifest.data)
+        provenance = None
+        if origin is not None:
+            manifest = dataclasses.replace(manifest, data=data)
+            provenance = await self._provenance(origin, head.header.sender_id, names)
+        return RecordView(self._summary(row, names), tuple(head.header.recipient_ids), manifest, provenance)
+
+    async def _provenance(self, origin: Origin, via: str, names: dict[str, str]) -> Provenance:
+        """Check the original's signed head against what we know of its author."""
+        me = self.ports.identity
+        via_name = names.get(via, via)
+        if origin.head is None:
+            return Provenance(author="", author_name="", written=0, record_id="", via=via, via_name=via_name,
+                              grant=origin.grant, emergency=origin.emergency, checked="invalid")
+        h = origin.head.header
+        author = origin.author
+        if author == me.node_id:
+            checked = "self" if h.sender_key == me.sign_public else "mismatch"
+        else:
+            contact = await self.ports.store.call(records.contact_by_id, author)
+            checked = "head" if contact is None else ("contact" if contact["sign_key"] == h.sender_key
+                                                      else "mismatch")
+        name = self.ports.config.name if author == me.node_id else names.get(author, author)
+        return Provenance(author=author, author_name=name, written=h.created, record_id=h.id_hex, via=via,
+                          via_name=via_name, grant=origin.grant, emergency=origin.emergency, checked=checked)
 
     async def export(self, ref: str, dest: str | Path) -> builtins.list[Path]:
         """Decrypt a record's attachments into `dest` under safe names; never overwrites."""
@@ -208,8 +355,22 @@ class Records:
         await self._opened(row, "export")
         return written
 
+    async def attachment(self, ref: str, index: int) -> tuple[Attachment, AsyncGenerator[bytes, None], str]:
+        """Attachment `index` of a record, decrypted as it streams on a worker thread (each piece
+        authenticated before it is given; the whole body checked at the end); audited as a download."""
+        view = await self.read(ref, audit_event="download")
+        atts = view.manifest.attachments
+        if not 0 <= index < len(atts):
+            raise NotFound(f"this record has {len(atts)} attachment(s)")
+        row = await self.ports.store.call(records.get_record, view.summary.id)
+        head = Head.from_wire(row["head"])
+        pieces = _attachment_pieces(self._source(row), head.header, head.content_key(self.ports.identity), index)
+        return atts[index], _in_thread(pieces), row["id"]
+
     def _source(self, row: dict) -> blobstore.Source:
-        return row["body"] if row["body"] is not None else self.ports.blobs.path(row["id"])
+        if row["body"] is not None:
+            return row["body"]
+        return self.ports.blobs.path(row["id"], row["sender"] if row["direction"] == "in" else None)
 
     async def _opened(self, row: dict, event: str) -> None:
         """Log the access; the first time a received record is opened, owe its sender a receipt."""
@@ -365,3 +526,26 @@ def _place_new(tmp: Path, final: Path) -> None:
         # No hard links (a USB stick in FAT or exFAT): claim the name, then move onto it.
         os.close(os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         os.replace(tmp, final)
+
+
+def _attachment_pieces(source: blobstore.Source, header: envelope.Header, key: bytes, index: int) -> Iterator[bytes]:
+    """Decrypt a stored body, yielding attachment `index`'s plaintext; the whole body is checked at the end."""
+    dec, parser, hasher = Decryptor(header, key), BodyParser(), hashlib.sha256()
+    for piece in blobstore.iter_source(source):
+        hasher.update(piece)
+        for plain in dec.feed(piece):
+            out = b"".join(data for i, data in parser.feed(plain) if i == index)
+            if out:
+                yield out
+    out = b"".join(data for i, data in parser.feed(dec.finish()) if i == index)
+    if out:
+        yield out
+    parser.finish()
+    if hasher.digest() != header.body_sha256:
+        raise InvalidEnvelope()
+
+
+async def _in_thread(pieces: Iterator[bytes]) -> AsyncGenerator[bytes, None]:
+    """A blocking generator, advanced on a worker thread one piece at a time."""
+    while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+        yield piece

@@ -23,7 +23,7 @@ from ..sync.messages import (DUPLICATE, MAX_INLINE_ANSWER, REFUSED, STORED, Ack,
 from ..transport.server import Answer
 from .courier import Courier, Puller
 from .events import RecordOpened
-from .intake import Intake, RecordRefused
+from .intake import Intake, Interrupted, RecordRefused
 from .ports import Ports
 
 log = logging.getLogger("cabinet.serving")
@@ -52,10 +52,9 @@ class DeliveryEndpoints:
     # --- records pushed to us ---------------------------------------------------
 
     async def record_status(self, caller: str, record_id: str) -> Answer:
-        stored = await self.ports.store.call(records.stored_from, record_id)
-        if stored is not None and stored[0] == caller:
+        if await self.ports.store.call(records.stored_from, record_id, caller) is not None:
             return Answer(200, {"stored": True, "have": -1})
-        return Answer(200, {"stored": False, "have": self.intake.have(record_id)})
+        return Answer(200, {"stored": False, "have": self.intake.have(record_id, caller)})
 
     async def receive_record(self, caller: str, record_id: str, head_raw: bytes, offset: int, seq: int | None,
                              body: AsyncIterator[bytes]) -> Answer:
@@ -66,6 +65,8 @@ class DeliveryEndpoints:
                 raise RecordRefused(reason, (await intake.session(caller)).ack())
             head, key = await intake.check_head(head_raw, record_id=record_id, sender=caller, seq=seq)
             out = await intake.stream(caller, head, key, offset, body, seq)
+        except Interrupted as exc:                  # logged by the intake; the caller is gone anyway
+            return Answer(400, {"error": str(exc)})
         except RecordRefused as exc:
             if seq is None:
                 raise                               # no place in a stream: a plain refusal (422)
@@ -113,13 +114,14 @@ class DeliveryEndpoints:
                 body = None       # too much for one answer: the caller downloads it separately
             items.append(BatchItem(seq=row["seq"], record_id=row["id"], head=row["head"], size=row["body_size"],
                                    body=body))
-        return Answer(200, Batch(prev=listing.prev, last=listing.last, items=tuple(items)).to_wire())
+        return Answer(200, Batch(prev=listing.prev, last=listing.last, items=tuple(items),
+                                  void=listing.void).to_wire())
 
     async def body_for(self, caller: str, record_id: str, offset: int) -> tuple[int, AsyncIterator[bytes]]:
         store = self.ports.store
         if not await store.call(records.is_recipient, record_id, caller):
             raise NotFound("no such record for you")
-        row = await store.call(records.get_record, record_id)
+        row = await store.call(records.get_record, record_id, None, "out")
         if offset > row["body_size"]:
             raise RemoteProtocolError("offset beyond the end of the record")
         source = row["body"] if row["body"] is not None else self.ports.blobs.path(record_id)

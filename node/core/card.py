@@ -164,7 +164,7 @@ def revocation(card: Card, jti: str, *, now: int) -> str:
 def history_request(card: Card, *, by: str, now: int) -> str:
     """Ask the card's practice for this patient's history, carried by node `by` (bound to it)."""
     claims = {"iss": card.key_id, "sub": card.patient_ref, "aud": card.practice, "by": normalize_node_id(by),
-              "iat": consent.rfc3339(now), "jti": secrets.token_urlsafe(16), "purpose": "history"}
+              "iat": consent.rfc3339(now), "jti": consent.new_token_id(), "purpose": "history"}
     payload = json.dumps(claims, separators=(",", ":")).encode("ascii")
     footer = json.dumps({"kid": card.key_id}, separators=(",", ":")).encode("ascii")
     return consent.sign_v4_public(card.secret(), payload, footer, HISTORY_IMPLICIT)

@@ -342,6 +342,14 @@ def _issue(key: nacl.signing.SigningKey, claims: dict[str, Any]) -> str:
     return sign_v4_public(bytes(key), payload, footer, IMPLICIT)
 
 
+def new_token_id() -> str:
+    """A random token ID (128 bits, base64url) that never starts with "-": people type it on
+    command lines (`cabinet patient revoke ID`), where a leading dash reads as an option."""
+    while (jti := secrets.token_urlsafe(16)).startswith("-"):
+        pass
+    return jti
+
+
 def issue_grant(patient_secret: bytes, *, subject: str, audience: str, scope: str, days: int, now: int,
                 jti: str | None = None) -> str:
     """Sign a grant valid from `now` (whole seconds) for `days` days; returns the token."""
@@ -352,7 +360,7 @@ def issue_grant(patient_secret: bytes, *, subject: str, audience: str, scope: st
     grant = Grant(issuer=k4_pid(bytes(key.verify_key)), subject=subject, scope=scope,
                   audience=_formatted_node_id(audience) or str(audience),
                   iat=rfc3339(start), nbf=rfc3339(start), exp=rfc3339(start + days * 86_400_000),
-                  jti=secrets.token_urlsafe(16) if jti is None else jti)
+                  jti=new_token_id() if jti is None else jti)
     problem = _grant_problem(grant.to_claims())
     if problem:
         raise UsageError(f"cannot issue this grant: {problem}")

@@ -48,15 +48,70 @@ def normalise(text: str) -> str:
 
 
 def query_words(query: str) -> list[str]:
-    """The normalised words of a search query, or UsageError if it is empty or too long."""
+    """The normalised words of a search query (plural specialty forms made singular), or UsageError
+    if it is empty or too long."""
     if len(query) > MAX_QUERY_CHARS:
         raise UsageError(f"search query over {MAX_QUERY_CHARS} characters")
-    words = normalise(query).split()
+    words = [_singular(w) for w in normalise(query).split()]
     if not words:
         raise UsageError("empty search query: give a name, specialty, city or RPPS number")
     if len(words) > MAX_QUERY_WORDS:
         raise UsageError(f"search query over {MAX_QUERY_WORDS} words")
     return words
+
+
+# Each group lists the usual French and English forms of one specialty (accents and case do
+# not matter: they go through `normalise`). A descriptor whose specialty contains one form is
+# indexed under all of them, so "cardiologue Lyon" finds a "Cardiologie" practice, and a query
+# word that is a plural of a form ("cardiologues") is searched as the form.
+SPECIALTIES: tuple[tuple[str, ...], ...] = (
+    ("cardiologie", "cardiologue", "cardiology", "cardiologist"),
+    ("médecine générale", "médecin généraliste", "généraliste", "general practice", "general practitioner",
+     "family medicine", "gp"),
+    ("pédiatrie", "pédiatre", "pediatrics", "paediatrics", "pediatrician", "paediatrician"),
+    ("dermatologie", "dermatologue", "dermatology", "dermatologist"),
+    ("gynécologie", "gynécologue", "gynecology", "gynaecology", "gynecologist", "obstétrique",
+     "obstetrics"),
+    ("psychiatrie", "psychiatre", "psychiatry", "psychiatrist"),
+    ("neurologie", "neurologue", "neurology", "neurologist"),
+    ("ophtalmologie", "ophtalmologue", "ophthalmology", "ophthalmologist"),
+    ("oto-rhino-laryngologie", "orl", "otorhinolaryngology", "ent"),
+    ("pneumologie", "pneumologue", "pulmonology", "pulmonologist", "respiratory medicine"),
+    ("gastro-entérologie", "gastro-entérologue", "gastroenterology", "gastroenterologist"),
+    ("endocrinologie", "endocrinologue", "endocrinology", "endocrinologist", "diabétologie"),
+    ("rhumatologie", "rhumatologue", "rheumatology", "rheumatologist"),
+    ("néphrologie", "néphrologue", "nephrology", "nephrologist"),
+    ("urologie", "urologue", "urology", "urologist"),
+    ("oncologie", "oncologue", "cancérologie", "oncology", "oncologist"),
+    ("radiologie", "radiologue", "imagerie médicale", "radiology", "radiologist"),
+    ("gériatrie", "gériatre", "geriatrics", "geriatrician"),
+    ("anesthésie", "anesthésiste", "anesthésiologie", "anaesthesia", "anesthesiology", "anesthesiologist"),
+    ("chirurgie", "chirurgien", "surgery", "surgeon"),
+    ("kinésithérapie", "kinésithérapeute", "kiné", "physiotherapy", "physiotherapist"),
+    ("sage-femme", "maïeutique", "midwife", "midwifery"),
+)
+_GROUPS = tuple(tuple(normalise(form) for form in group) for group in SPECIALTIES)
+_SINGLE_FORMS = frozenset(form for group in _GROUPS for form in group if " " not in form)
+
+
+def _contains(words: list[str], form: str) -> bool:
+    want = form.split()
+    return any(words[i:i + len(want)] == want for i in range(len(words) - len(want) + 1))
+
+
+def specialty_terms(specialty: str) -> str:
+    """The normalised specialty and every usual form of the specialties it names, for the index."""
+    text = normalise(specialty)
+    words = text.split()
+    extra = [form for group in _GROUPS if any(_contains(words, f) for f in group) for form in group]
+    return " ".join([text, *dict.fromkeys(f for f in extra if not _contains(words, f))]).strip()
+
+
+def _singular(word: str) -> str:
+    """'cardiologues' -> 'cardiologue' when the singular is a specialty form; other words unchanged."""
+    if word.endswith(("s", "x")) and word[:-1] in _SINGLE_FORMS:
+        return word[:-1]
+    return word
 
 
 # --- answers ---------------------------------------------------------------------------

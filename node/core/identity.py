@@ -100,6 +100,30 @@ def valid_address(url: str, *, allow_path: bool = False) -> bool:
             and not parts.query and not parts.fragment and (port is None or 0 < port < 65536))
 
 
+RELAY_SCHEME = "relay+tcp"
+
+
+def valid_relay_address(url: str) -> bool:
+    """relay+tcp://host:port: in a descriptor, "reach this node through that blind relay" (docs/relay.md).
+
+    No node ID in it: the descriptor that carries it is the node's own, signed."""
+    if len(url) > 256:
+        return False
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return False
+    return (parts.scheme == RELAY_SCHEME and bool(parts.hostname) and parts.path in ("", "/") and not parts.query
+            and not parts.fragment and not parts.username and not parts.password and port is not None
+            and 0 < port < 65536)
+
+
+def valid_node_address(url: str) -> bool:
+    """What a descriptor may list: a direct http(s):// address or a relay+tcp:// one."""
+    return valid_address(url) or valid_relay_address(url)
+
+
 def safety_code(sign_public_a: bytes, sign_public_b: bytes) -> str:
     """24 digits, the same on both sides of a pair, to read aloud or compare on screen."""
     lo, hi = sorted([sign_public_a, sign_public_b])
@@ -170,7 +194,7 @@ class Descriptor:
             raise InvalidSignature("descriptor: signature does not verify (altered or damaged)") from None
         ek = crypto.check_x25519_public(wire.field(body, "ek", bytes, what=what, size=32))
         addrs = wire.field(body, "addrs", list, what=what)
-        if len(addrs) > 16 or not all(isinstance(a, str) and valid_address(a) for a in addrs):
+        if len(addrs) > 16 or not all(isinstance(a, str) and valid_node_address(a) for a in addrs):
             raise RemoteProtocolError("descriptor: bad address list")
         if not all(control_free(a) for a in addrs):
             raise RemoteProtocolError("descriptor: field 'addrs' contains a control character")

@@ -20,13 +20,15 @@ from pathlib import Path
 
 import segno
 
-from . import cli_patient
+from . import cli_accounts, cli_box, cli_patient, sending
+from .web.server import PortInUse, start_web
 from .prompt import passphrase
 from .text import shown
-from ..node import (CabinetError, Descriptor, Node, Summary, UsageError, contact_state, default_data_dir,
-                    setup_logging, valid_address)
+from ..node import (CabinetError, Descriptor, Node, RecordStored, Summary, UsageError, contact_state,
+                    default_data_dir, now_ms, parse_listen, setup_logging, valid_address)
 
 log = logging.getLogger("cabinet.cli")
+DEFAULT_WEB = "127.0.0.1:7480"
 
 
 # --- helpers -------------------------------------------------------------------
@@ -69,7 +71,7 @@ def print_summaries(rows: list[Summary], header: str) -> None:
 async def cmd_init(a) -> int:
     node_id = await Node.init(a.data, passphrase(confirm=True), name=a.name, specialty=a.specialty, city=a.city,
                               rpps=a.rpps, listen=a.listen, advertise=a.advertise or (),
-                              bootstraps=a.bootstrap or (), lan=not a.no_lan)
+                              bootstraps=a.bootstrap or (), lan=not a.no_lan, relays=a.relay or ())
     print(f"Practice node created in {a.data}")
     print(f"Node ID: {node_id}")
     print("Next: 'cabinet run' to start it, 'cabinet id' to share your descriptor with colleagues.")
@@ -85,17 +87,42 @@ async def cmd_run(a) -> int:
         if a.advertise:
             node.config.advertise = [_url(u) for u in a.advertise]
             node.config.save(node.folder)
+        if a.relay:
+            node.use_relays(a.relay)
         host, port = await node.serve(a.listen, accept=not a.no_listen, pull_interval=a.pull_every)
-        where = f"listening on http://{host}:{port}" if port else "not listening (delivering and pulling only)"
+        where = f"listening on https://{host}:{port}" if port else "not listening (delivering and pulling only)"
         print(f"cabinet node {node.node_id} ({node.config.name}) {where}", flush=True)
+        web = None if a.no_web else await _start_web(node, a)
+        if web is not None:
+            print(f"web app and local API on {web.url}  ('cabinet user add NAME' makes an account)", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         print("stopping...", flush=True)
+        if web is not None:
+            await web.close()
     print("stopped", flush=True)
     return 0
+
+
+async def _start_web(node: Node, a):
+    """The web app on --web HOST:PORT (default 127.0.0.1:7480); if the default port is taken (a second
+    node on this computer), any free port, said so."""
+    host, port = parse_listen(a.web or DEFAULT_WEB)
+    tls = (a.web_cert, a.web_key) if a.web_cert or a.web_key else None
+    if tls is not None and not (a.web_cert and a.web_key):
+        raise UsageError("give both --web-cert FILE and --web-key FILE")
+    try:
+        return await start_web(node, host, port, tls=tls)
+    except PortInUse:
+        if a.web:
+            raise
+        web = await start_web(node, host, 0, tls=tls)
+        print(f"note: {DEFAULT_WEB} is taken (another node on this computer?); web app on port {web.port}",
+              file=sys.stderr, flush=True)
+        return web
 
 
 async def cmd_id(a) -> int:
@@ -111,7 +138,7 @@ async def cmd_id(a) -> int:
         local = [u for u in node.descriptor.addresses if _only_this_machine(u)]
         if local:
             print(f"WARNING: {', '.join(local)} can only be reached from this computer: colleagues elsewhere "
-                  "cannot use it. Run with --listen 0.0.0.0:PORT and --advertise http://YOUR-ADDRESS:PORT "
+                  "cannot use it. Run with --listen 0.0.0.0:PORT and --advertise https://YOUR-ADDRESS:PORT "
                   "(or a bootstrap) before sharing this descriptor.", file=sys.stderr)
         if a.text or not a.export:
             print(text)
@@ -137,21 +164,24 @@ async def cmd_contact_add(a) -> int:
             old = await node.contact(c["replaces"])
             print(f"WARNING: {shown(c['name'])} claims to be {shown(old['name'])} ({old['node_id']}), whom you already know, "
                   f"but with ANOTHER IDENTITY KEY ({c['node_id']}).", file=sys.stderr)
-            print("This happens when a practice reinstalls its box, and when someone impersonates it. Nothing is "
-                  "sent to the new key until you check the safety code by phone and run:", file=sys.stderr)
+            print(f"State: {contact_state(c)}. This happens when a practice reinstalls its box, and when someone "
+                  "impersonates it. Nothing is sent to the new key until you check the safety code by phone and run:",
+                  file=sys.stderr)
             print(f"    cabinet contact confirm \"{shown(c['name'])}\"", file=sys.stderr)
             return 3
         if status == "revoked":
-            raise UsageError(f"{c['name']} ({c['node_id']}) has revoked this key; ask them for their new node ID")
-        state = "verified" if c["verified"] else "unverified until 'cabinet contact verify'"
-        print(f"Contact {status}: {shown(c['name'])}  {c['node_id']}  ({state})")
+            raise UsageError(f"{shown(c['name'])} ({c['node_id']}): {contact_state(c)}; ask them for their new node ID")
+        state = contact_state(c)
+        hint = "" if c["verified"] else "; 'cabinet contact verify' compares the safety code"
+        print(f"Contact {status}: {shown(c['name'])}  {c['node_id']}  ({state}{hint})")
     return 0
 
 
 async def cmd_contact_confirm(a) -> int:
     async with Node.open(a.data, passphrase=passphrase()) as node:
         c = await node.confirm_contact(a.name)
-        print(f"{shown(c['name'])} ({c['node_id']}) confirmed; what was held for it is delivered by 'cabinet run'.")
+        print(f"{shown(c['name'])} ({c['node_id']}) confirmed: {contact_state(c)}; what was held for it is "
+              "delivered by 'cabinet run'.")
     return 0
 
 
@@ -174,10 +204,14 @@ async def cmd_directory_search(a) -> int:
 async def cmd_directory_lookup(a) -> int:
     async with Node.open(a.data, passphrase=passphrase()) as node:
         d = await node.directory_lookup(a.node_id)
+        known = {c["node_id"]: c for c in await node.contacts()}.get(d.node_id)
         print(f"{shown(d.name)}  {shown(d.specialty)}  {shown(d.city)}  {d.node_id}  seq {d.seq}")
         print("Addresses: " + (shown(", ".join(d.addresses)) or "(none)"))
+        if known is not None:
+            print(f"Contact:   {shown(known['name'])}, {contact_state(known)}")
         if d.revoked:
-            print("REVOKED: this node's keys were revoked by its owner.")
+            state = contact_state({"revoked": 1, "held": 0, "verified": 0, "descriptor": d.signed})
+            print(f"State:     {state} (this descriptor says so: nothing can be sent to it)")
     return 0
 
 
@@ -275,9 +309,27 @@ async def _delivery_report(node: Node, result) -> None:
 async def cmd_send(a) -> int:
     async with Node.open(a.data, passphrase=passphrase()) as node:
         data = Path(a.data_file).read_text("utf-8") if a.data_file else ""
-        result = await node.send_referral(to=a.to, patient=a.patient, born=a.born, subject=a.subject,
-                                          letter=Path(a.letter), attachments=a.attachments, data=data,
-                                          deliver=not a.no_deliver)
+        letter = Path(a.letter)
+        if not a.again:
+            await sending.check_resend(node, a.to, patient=a.patient, born=a.born, letter=letter,
+                                       attachments=a.attachments)
+        bar = sending.ProgressBar(node) if sys.stderr.isatty() and not a.no_deliver else None
+        with node.subscribe(RecordStored) as stored:
+            started = now_ms()
+            try:
+                result = await node.send_referral(to=a.to, patient=a.patient, born=a.born, subject=a.subject,
+                                                  letter=letter, attachments=a.attachments, data=data,
+                                                  deliver=not a.no_deliver)
+            except asyncio.CancelledError:              # Ctrl-C: say at once what became of the record
+                note = await sending.after_interrupt(node, stored, started)
+                if bar is not None:
+                    bar.close()
+                print(f"cabinet: interrupted: {shown(note)}", file=sys.stderr, flush=True)
+                a.interrupt_reported = True
+                raise
+            finally:
+                if bar is not None:
+                    bar.close()
         print(f"Record {result.record_id}")
         await _delivery_report(node, result)
     return 0
@@ -314,15 +366,29 @@ def delivery_state(d: dict, now_ms: int) -> str:
     return text
 
 
+_TRUSTED = {contact_state({"revoked": 0, "held": 0, "verified": v}) for v in (0, 1)}   # deliverable states
+
+
 async def cmd_outbox(a) -> int:
     async with Node.open(a.data, passphrase=passphrase()) as node:
         rows = await node.outbox(a.id)
-        if not rows:
+        lost = [] if a.id else await node.sent_after_backup()
+        if not rows and not lost:
             print("Outbox: nothing sent yet")
         now = int(time.time() * 1000)
+        contacts = await node.contacts()
+        states = {c["node_id"]: contact_state(c) for c in contacts}
         for d in rows:
             name = d["recipient_name"] or d["recipient"]
-            print(f"{d['record_id'][:10]}  {when(d['created'])}  to {shown(name)[:24]:24}  {shown(delivery_state(d, now))}")
+            line = delivery_state(d, now)
+            state = states.get(d["recipient"], "")
+            if d["state"] != "delivered" and state and state not in _TRUSTED and state not in line:
+                line += f"  [contact {state}]"
+            print(f"{d['record_id'][:10]}  {when(d['created'])}  to {shown(name)[:24]:24}  {shown(line)}")
+        names = {c["node_id"]: c["name"] for c in contacts}
+        for g in lost:            # after a restore: what the lost box sent, as the colleagues' acks tell
+            print(f"sent after the last backup: not in this copy ({g['count']} record{'s' * (g['count'] != 1)} "
+                  f"to {shown(names.get(g['recipient'], g['recipient']))}, backup of {when(g['backup_at'])})")
     return 0
 
 
@@ -340,6 +406,8 @@ async def cmd_show(a) -> int:
         print(f"Record   {s.id}  ({s.kind}, {'received' if s.direction == 'in' else 'sent'})")
         print(f"From     {shown(s.sender_name)} ({s.sender})")
         print(f"Date     {when(s.created)}")
+        if view.provenance is not None:
+            print(f"Origin   {shown(view.provenance.describe(when))}")
         print(f"Patient  {shown(m.patient)}" + (f", born {shown(m.born)}" if m.born else ""))
         print(f"Subject  {shown(m.subject)}")
         if s.reply_to:
@@ -411,6 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--advertise", action="append", help="address colleagues reach this node at (repeatable)")
     sp.add_argument("--bootstrap", action="append", metavar="URL", help="a directory server to announce to (repeatable)")
     sp.add_argument("--no-lan", action="store_true", help="never announce this node on the LAN (mDNS)")
+    sp.add_argument("--relay", action="append", metavar="URL",
+                    help="a blind relay to be reached through, relay+tcp://HOST:PORT (repeatable)")
     sp = add("run", cmd_run, "run the node until Ctrl-C or SIGTERM")
     sp.add_argument("--listen", help="HOST:PORT (default: as configured, 127.0.0.1:7400)")
     sp.add_argument("--no-listen", action="store_true",
@@ -421,6 +491,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="address colleagues reach this node at, e.g. with --listen 0.0.0.0:7400 (kept in the config)")
     sp.add_argument("--pull-every", type=float, default=None, metavar="SECONDS",
                     help="how often to ask colleagues for records waiting for us (default 30)")
+    sp.add_argument("--relay", action="append", metavar="URL",
+                    help="a blind relay to be reached through when nothing else works, relay+tcp://HOST:PORT "
+                         "(repeatable, kept in the config)")
+    sp.add_argument("--web", metavar="HOST:PORT", help=f"where the web app and local API listen (default {DEFAULT_WEB}; "
+                                                      "beyond this computer only with --web-cert and --web-key)")
+    sp.add_argument("--web-cert", metavar="FILE", help="TLS certificate (PEM) for the web app")
+    sp.add_argument("--web-key", metavar="FILE", help="its private key (PEM)")
+    sp.add_argument("--no-web", action="store_true", help="do not serve the web app and local API")
     sp = add("id", cmd_id, "print the node ID and the signed descriptor")
     sp.add_argument("--export", metavar="FILE", help="write the descriptor to FILE")
     sp.add_argument("--text", action="store_true", help="print the descriptor text even with --export")
@@ -475,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--subject", default=None)
         sp.add_argument("--letter", required=True, help="the letter: a text file, or a PDF or Word file (sent as the first attachment)")
         sp.add_argument("--no-deliver", action="store_true", help="only queue it; 'cabinet run' delivers")
+        if name == "send":
+            sp.add_argument("--again", action="store_true",
+                            help="send even though the same referral was sent in the last 10 minutes")
         sp.add_argument("attachments", nargs="*", metavar="ATTACHMENT")
 
     sp = add("outbox", cmd_outbox, "what was sent, per recipient: queued, delivered")
@@ -494,6 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                          metavar="ACTION")
     add("verify", cmd_audit_verify, "check the audit log's hash chain", audit)
     cli_patient.register(sub, add, audit)
+    cli_accounts.register(sub, add)
+    cli_box.register(sub, add, keys)
     return p
 
 
@@ -507,7 +590,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cabinet: {shown(err)}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
-        print("cabinet: interrupted", file=sys.stderr)
+        if not getattr(args, "interrupt_reported", False):
+            print("cabinet: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:                 # `cabinet inbox | head`: the reader left, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

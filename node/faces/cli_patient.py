@@ -28,6 +28,14 @@ def _passphrase() -> str:
     return passphrase()
 
 
+def _carrier(a, command: str) -> None:
+    """Revocations and history requests travel through a practice node: say so where there is none."""
+    if not Path(a.data).is_dir():
+        raise UsageError(f"no practice node in {a.data}: 'patient {command}' is carried by a practice's node (the "
+                         "card's practice, or one that knows it), so run it there with the card; the patient "
+                         "alone, with the card, signs grants ('patient grant')")
+
+
 def service(node: Node):
     return node.patients
 
@@ -145,6 +153,7 @@ async def cmd_revoke(a) -> int:
     if a.print_only:
         print(token)
         return 0
+    _carrier(a, "revoke")
     async with Node.open(a.data, passphrase=_passphrase()) as node:
         jti = await service(node).send_revocation(card.practice, token)
     print(f"Grant {shown(jti)} revoked at {card.practice}")
@@ -173,6 +182,7 @@ async def _practice_id(node: Node, ref: str) -> str:
 
 async def cmd_history(a) -> int:
     card = Card.load(a.card)
+    _carrier(a, "history")
     async with Node.open(a.data, passphrase=_passphrase()) as node:
         if a.from_ and await _practice_id(node, a.from_) != card.practice:
             raise UsageError(f"this card is for practice {card.practice}, not {a.from_}")

@@ -5,9 +5,13 @@ constant whatever the file size: data moves in pieces of a few hundred KiB.
 Hashing and writing run on a second thread while the calling thread encrypts
 or decrypts, so sealing and receiving use both cores of a small box.
 
-Layout under the data folder:
-    blobs/ab/abcdef....      committed ciphertext bodies, named by record ID
-    incoming/<id>.body       a body being received (resumable), never listed
+Layout under the data folder (every file 0600, whatever the umask):
+    blobs/ab/abcdef....            committed bodies of this node's own records, named by record ID
+    blobs/ab/abcdef....<sender>    committed bodies of received records (a record is its sender's
+                                   ID and its own: another sender's record under the same ID is
+                                   another file); received before schema 3: named by ID alone
+    incoming/<sender>-<id>.body    a body being received (resumable), never listed
+    incoming/<id>.sealing          a body being sealed by this node
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import IO, Callable, Iterator, NamedTuple
 
 from ..core.envelope import CT_CHUNK, BodyParser, Decryptor, Header, Manifest, Sealer, plaintext_prefix
 from ..core.errors import InvalidEnvelope, StoreError, UsageError
@@ -25,6 +29,7 @@ from ..core.errors import InvalidEnvelope, StoreError, UsageError
 READ_SIZE = 16 * CT_CHUNK          # about 1 MiB, a whole number of ciphertext chunks
 _MAX_INFLIGHT = 4
 INLINE_MAX = 256 * 1024             # bodies up to this size live in SQLite, not in files
+FILE_MODE = 0o600
 Source = bytes | Path               # a stored body: inline bytes or a blob file
 
 
@@ -86,6 +91,27 @@ def _oserror(exc: OSError, what: str) -> StoreError:
     return StoreError(f"could not {what}: {exc.strerror or exc}")
 
 
+def open_private(path: Path, mode: str = "wb") -> IO[bytes]:
+    """Open for writing a file only this user can read (0600 whatever the umask, even if it existed)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode == "ab" else os.O_TRUNC)
+    fd = os.open(path, flags, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        return os.fdopen(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class Partial(NamedTuple):
+    """A body being received, as found in incoming/."""
+    path: Path
+    sender: str
+    record_id: str
+    size: int
+    mtime_ms: int
+
+
 class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -94,29 +120,57 @@ class BlobStore:
         for d in (self.blobs, self.incoming):
             d.mkdir(mode=0o700, exist_ok=True)
 
-    def path(self, record_id: str) -> Path:
-        return self.blobs / record_id[:2] / record_id
+    def path(self, record_id: str, sender: str | None = None) -> Path:
+        """A committed body: this node's own (sender None), or one received from `sender`.
 
-    def incoming_path(self, record_id: str) -> Path:
-        return self.incoming / f"{record_id}.body"
+        Without a sender, a received body is found by ID alone when only one sender has one.
+        """
+        plain = self.blobs / record_id[:2] / record_id
+        if sender is not None:
+            own = self.received_path(record_id, sender)
+            return own if own.exists() or not plain.exists() else plain
+        if plain.exists():
+            return plain
+        found = sorted(plain.parent.glob(f"{record_id}.*")) if plain.parent.is_dir() else []
+        return found[0] if len(found) == 1 else plain
+
+    def received_path(self, record_id: str, sender: str) -> Path:
+        return self.blobs / record_id[:2] / f"{record_id}.{sender}"
+
+    def incoming_path(self, record_id: str, sender: str) -> Path:
+        return self.incoming / f"{sender}-{record_id}.body"
+
+    def partials(self) -> list[Partial]:
+        """Every body being received (incoming/<sender>-<id>.body, and <id>.body from before schema 3)."""
+        out = []
+        for p in self.incoming.glob("*.body"):
+            sender, _, rid = p.name[:-5].rpartition("-")
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            out.append(Partial(p, sender, rid, st.st_size, int(st.st_mtime * 1000)))
+        return out
 
     def exists(self, record_id: str) -> bool:
         return self.path(record_id).exists()
 
-    def commit(self, tmp: Path, record_id: str) -> None:
-        """Move a finished body into place, durably (fsync file, rename, fsync dir)."""
-        dest = self.path(record_id)
+    def commit(self, tmp: Path, record_id: str, sender: str | None = None) -> None:
+        """Move a finished body into place, durably (fsync file, rename, fsync dir); `sender` for
+        a received body."""
+        dest = self.path(record_id) if sender is None else self.received_path(record_id, sender)
         try:
             dest.parent.mkdir(mode=0o700, exist_ok=True)
             with open(tmp, "rb") as fh:
+                os.fchmod(fh.fileno(), FILE_MODE)
                 os.fsync(fh.fileno())
             os.replace(tmp, dest)
             fsync_dir(dest.parent)
         except OSError as exc:
             raise _oserror(exc, "store the record body") from None
 
-    def remove_incoming(self, record_id: str) -> None:
-        self.incoming_path(record_id).unlink(missing_ok=True)
+    def remove_incoming(self, record_id: str, sender: str) -> None:
+        self.incoming_path(record_id, sender).unlink(missing_ok=True)
 
 
 
@@ -125,7 +179,7 @@ def seal_files(sealer: Sealer, manifest: Manifest, sources: list[Path], dest: Pa
     """Encrypt manifest + attachment files into `dest`; returns (ciphertext size, SHA-256)."""
     hasher = hashlib.sha256()
     try:
-        with open(dest, "wb") as out:
+        with open_private(dest) as out:
             behind = _Behind()
             try:
                 behind.run(_hash_and_write, hasher, out, sealer.push(plaintext_prefix(manifest)))
@@ -186,7 +240,7 @@ class Inbound:
                 with open(path, "rb") as fh:
                     while piece := fh.read(READ_SIZE):
                         self._absorb(piece)
-            self._fh = open(path, "ab")
+            self._fh = open_private(path, "ab")
         except OSError as exc:
             raise _oserror(exc, "open the incoming record") from None
         except InvalidEnvelope:

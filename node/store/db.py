@@ -5,11 +5,19 @@ the event loop never blocks on SQLite and writes are serialised (the pattern
 of datasette's execute_write_fn). WAL with synchronous=FULL: a commit that
 returned is on disk, which is what lets the receiver acknowledge a record
 right after committing it. secure_delete overwrites freed pages.
+
+The database file, its -wal and -shm are 0600 whatever the umask: the file is
+made 0600 before SQLite opens it (SQLite gives its WAL and SHM the database
+file's mode) and any older ones are set to 0600 when opened.
+
+Schema 3: a record is its sender's ID and its own (PRIMARY KEY (id, sender)),
+so another sender's record under the same ID never keeps a genuine one out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +30,8 @@ from .tx import transaction
 from .patients import SCHEMA as PATIENTS_SCHEMA
 
 DBFILE = "cabinet.db"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+FILE_MODE = 0o600
 T = TypeVar("T")
 
 SCHEMA = """
@@ -41,7 +50,7 @@ CREATE TABLE IF NOT EXISTS contacts (
     updated    INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS records (
-    id         TEXT PRIMARY KEY,
+    id         TEXT NOT NULL,
     direction  TEXT NOT NULL CHECK (direction IN ('in', 'out')),
     kind       TEXT NOT NULL,
     sender     TEXT NOT NULL,
@@ -55,14 +64,15 @@ CREATE TABLE IF NOT EXISTS records (
     patient_ix BLOB NOT NULL,
     opened     INTEGER,
     seq        INTEGER,
-    body       BLOB
+    body       BLOB,
+    PRIMARY KEY (id, sender)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS records_stream ON records (sender, seq) WHERE direction = 'in';
 CREATE INDEX IF NOT EXISTS records_thread ON records (thread, created);
 CREATE INDEX IF NOT EXISTS records_patient ON records (patient_ix);
 CREATE INDEX IF NOT EXISTS records_listing ON records (direction, stored);
 CREATE TABLE IF NOT EXISTS deliveries (
-    record_id  TEXT NOT NULL REFERENCES records (id),
+    record_id  TEXT NOT NULL,
     recipient  TEXT NOT NULL,
     seq        INTEGER NOT NULL,
     state      TEXT NOT NULL,
@@ -119,9 +129,30 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 """
 
 
+def _private(path: Path, *, create: bool = False) -> None:
+    """The database file (created empty if new), its WAL and SHM: 0600.
+
+    Only chmod once SQLite has the file open: closing any descriptor of a file
+    drops every POSIX lock this process holds on it, SQLite's included, and
+    another process closing its own connection would then take itself for the
+    last one and delete the WAL under our feet.
+    """
+    if create:
+        try:
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE))
+        except FileExistsError:
+            pass                      # never open an existing one here: see above
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            os.chmod(p, FILE_MODE)
+        except FileNotFoundError:
+            pass
+
+
 def connect(path: Path) -> sqlite_utils.Database:
     """Open (creating if needed) the database file and bring the schema up to date."""
     try:
+        _private(path, create=True)
         conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
         db = sqlite_utils.Database(conn)
         conn.execute("PRAGMA journal_mode=WAL")
@@ -135,30 +166,46 @@ def connect(path: Path) -> sqlite_utils.Database:
             conn.execute("INSERT INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
         elif version[0] != SCHEMA_VERSION:
             _migrate(conn, version[0])
+            conn.executescript(SCHEMA + PATIENTS_SCHEMA)      # the indexes of rebuilt tables
+        _private(path)                                          # the WAL and SHM SQLite just made
         return db
     except sqlite3.DatabaseError as exc:
         raise CorruptStore(f"the database {path.name} is damaged or not a cabinet database ({exc})") from None
 
 
+def _rebuild(table: str) -> list[str]:
+    """Recreate `table` as SCHEMA now defines it, keeping its rows (SQLite cannot change a key)."""
+    start = SCHEMA.index(f"CREATE TABLE IF NOT EXISTS {table} (")
+    create = SCHEMA[start:SCHEMA.index(");", start) + 2].replace(f"EXISTS {table} (", f"EXISTS {table}_new (")
+    return [create, f"INSERT INTO {table}_new SELECT * FROM {table}", f"DROP TABLE {table}",
+            f"ALTER TABLE {table}_new RENAME TO {table}"]
+
+
 # Each step takes a database at version N to N + 1, in one transaction.
 MIGRATIONS = {
     1: ["ALTER TABLE deliveries ADD COLUMN refused INTEGER"],      # a refused delivery (sync v1.1)
+    # A record is keyed by (id, sender); deliveries can no longer reference records (id) alone.
+    2: _rebuild("records") + _rebuild("deliveries"),
 }
 
 
 def _migrate(conn: sqlite3.Connection, version: object) -> None:
     if not isinstance(version, int) or not 1 <= version < SCHEMA_VERSION:
         raise CorruptStore(f"database schema {version} is not supported by this version")
-    for step in range(version, SCHEMA_VERSION):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for sql in MIGRATIONS[step]:
-                conn.execute(sql)
-            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (step + 1,))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+    conn.execute("PRAGMA foreign_keys=OFF")          # tables are rebuilt; settable only outside a transaction
+    try:
+        for step in range(version, SCHEMA_VERSION):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for sql in MIGRATIONS[step]:
+                    conn.execute(sql)
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (step + 1,))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+    finally:
+        conn.execute("PRAGMA foreign_keys=ON")
 
 
 class Store:

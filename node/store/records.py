@@ -4,6 +4,10 @@ Each function takes the sqlite_utils.Database as its first argument and runs
 on the database thread (see db.Store). What the inbox lists about a record
 (patient, subject, attachment names) is sealed under the local storage key;
 the patient can be searched through a keyed blind index.
+
+A record is its sender's ID and its own: (id, sender) is the key, so a record
+another sender pushes under the same ID is another record and never keeps the
+genuine one out. This node's own records are those with direction 'out'.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from ..core import crypto, wire
 from ..core.errors import AlreadyExists, CorruptStore, NotFound, ProtocolError, UsageError
 from ..core.identity import Descriptor
 from . import audit
+from . import backup as seqs
 from ..sync.messages import MAX_REFUSED, Ack
 from ..sync.outbox import DELIVERED, PENDING, QUEUED, REFUSED, SETTLED
 from ..sync.session import settle
-from .db import transaction
+from .tx import transaction
 
 _PENDING = "('" + "', '".join(PENDING) + "')"      # for SQL: the states still to be sent
 _SETTLED = "('" + "', '".join(SETTLED) + "')"
@@ -163,8 +168,7 @@ def insert_record(db: sqlite_utils.Database, row: dict, *, recipients: Sequence[
         if not _insert(conn, row, now=now, event=event, peer=peer, db=db):
             return False
         for to in recipients:
-            seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM deliveries WHERE recipient = ?",
-                               (to,)).fetchone()[0]
+            seq = seqs.next_seq(conn, to)          # above every seq given out, and every restore's void
             conn.execute("INSERT INTO deliveries (record_id, recipient, seq, state, next_try, updated) "
                          "VALUES (?, ?, ?, ?, ?, ?)", (row["id"], to, seq, QUEUED, now, now))
         return True
@@ -175,8 +179,8 @@ def insert_received(db: sqlite_utils.Database, rows: list[dict], *, sender: str,
     """Commit records received from one sender's stream, all in one transaction.
 
     Returns, per row, True (new), False (a duplicate: changes nothing, acked
-    again) or None (another record already has this ID: refused), and the
-    stream's ack (its cursor moved over any gap these rows closed).
+    again) or None (this sender already has another record under this ID:
+    refused), and the stream's ack (its cursor moved over any gap these rows closed).
     """
     with transaction(db) as conn:
         stored = [_insert(conn, dict(r, seq=r.get("seq"), body=r.get("body")), now=now, event="received",
@@ -185,15 +189,16 @@ def insert_received(db: sqlite_utils.Database, rows: list[dict], *, sender: str,
 
 
 def _insert(conn, row: dict, *, now: int, event: str, peer: str | None, db) -> bool | None:
-    existing = conn.execute("SELECT sender, head FROM records WHERE id = ?", (row["id"],)).fetchone()
+    existing = conn.execute("SELECT head, direction FROM records WHERE id = ? AND sender = ?",
+                            (row["id"], row["sender"])).fetchone()
     if existing:
-        if (existing[0], bytes(existing[1])) != (row["sender"], row.get("head")):
-            return None                  # someone else's record under this ID: never "a duplicate"
+        if (bytes(existing[0]), existing[1]) != (row.get("head"), row["direction"]):
+            return None                  # another record of this sender's under this ID: never "a duplicate"
         if row.get("seq") is not None and row["direction"] == "in":
             # Already here (e.g. pushed before); remember its place in this stream.
-            conn.execute("UPDATE records SET seq = ? WHERE id = ? AND seq IS NULL AND NOT EXISTS "
+            conn.execute("UPDATE records SET seq = ? WHERE id = ? AND sender = ? AND seq IS NULL AND NOT EXISTS "
                          "(SELECT 1 FROM records WHERE sender = ? AND seq = ? AND direction = 'in')",
-                         (row["seq"], row["id"], row["sender"], row["seq"]))
+                         (row["seq"], row["id"], row["sender"], row["sender"], row["seq"]))
         return False
     if row.get("seq") is not None and conn.execute(
             "SELECT 1 FROM records WHERE direction = 'in' AND sender = ? AND seq = ? UNION ALL "
@@ -225,6 +230,16 @@ def stream_in(db: sqlite_utils.Database, sender: str) -> Ack:
         return _settle_stream(conn, sender)
 
 
+def skip_void(db: sqlite_utils.Database, sender: str, lo: int, hi: int) -> Ack:
+    """The sender says seqs lo..hi of its stream will never come (it was restored from a backup): once
+    the cursor has reached lo - 1, it moves to hi (and on over what is above)."""
+    with transaction(db) as conn:
+        row = conn.execute("SELECT cursor FROM streams_in WHERE sender = ?", (sender,)).fetchone()
+        if row and lo - 1 <= row[0] < hi:
+            conn.execute("UPDATE streams_in SET cursor = ? WHERE sender = ?", (hi, sender))
+        return _settle_stream(conn, sender)
+
+
 def refuse_received(db: sqlite_utils.Database, sender: str, seq: int, record_id: str, reason: str, *,
                     now: int) -> Ack:
     """Remember for good that `seq` of `sender`'s stream was refused, so the cursor moves past it."""
@@ -237,26 +252,56 @@ def refuse_received(db: sqlite_utils.Database, sender: str, seq: int, record_id:
         return _settle_stream(conn, sender)
 
 
-def body_of(db: sqlite_utils.Database, record_id: str) -> bytes | None:
-    row = db.conn.execute("SELECT body FROM records WHERE id = ?", (record_id,)).fetchone()
+def body_of(db: sqlite_utils.Database, record_id: str, sender: str | None = None) -> bytes | None:
+    row = db.conn.execute("SELECT body FROM records WHERE id = ? AND (? IS NULL OR sender = ?) "
+                          "ORDER BY direction = 'out' DESC", (record_id, sender, sender)).fetchone()
     return row[0] if row else None
 
 
-def get_record(db: sqlite_utils.Database, ref: str) -> dict:
-    """By full ID or an unambiguous prefix of at least 6 characters."""
+ID_HEX = 32
+
+
+def get_record(db: sqlite_utils.Database, ref: str, sender: str | None = None, direction: str | None = None) -> dict:
+    """By full ID or an unambiguous prefix of at least 6 characters (optionally: from `sender`,
+    or only this node's own records, direction 'out').
+
+    Records of different senders may share an ID: a prefix matching several is ambiguous and
+    the error names their senders. A full ID names this node's own record first (what the
+    courier sends); received records under it are reached with their sender.
+    """
     ref = ref.strip().lower()
     if len(ref) < 6 or any(c not in "0123456789abcdef" for c in ref):
         raise NotFound(f"no record {ref!r} (give at least 6 hex characters of its ID)")
-    rows = list(db.query("SELECT * FROM records WHERE id >= ? AND id < ? LIMIT 2", [ref, ref + "g"]))
+    rows = list(db.query("SELECT * FROM records WHERE id >= ? AND id < ? AND (? IS NULL OR sender = ?) "
+                         "AND (? IS NULL OR direction = ?) LIMIT 10",
+                         [ref, ref + "g", sender, sender, direction, direction]))
     if not rows:
         raise NotFound(f"no record {ref!r}")
+    own = [r for r in rows if r["direction"] == "out"]
+    if len(rows) > 1 and len(ref) == ID_HEX and len({r["id"] for r in rows}) == 1 and len(own) == 1:
+        return own[0]
     if len(rows) > 1:
-        raise UsageError(f"record ID {ref!r} is ambiguous; give more characters")
+        if len({r["id"] for r in rows}) == 1:
+            raise UsageError(f"record ID {ref!r} is held by records from several senders "
+                             f"({_senders(db, rows)}); see 'cabinet inbox'")
+        raise UsageError(f"record ID {ref!r} is ambiguous ({_senders(db, rows)}); give more characters")
     return rows[0]
 
 
-def has_record(db: sqlite_utils.Database, record_id: str) -> bool:
-    return db.conn.execute("SELECT 1 FROM records WHERE id = ?", (record_id,)).fetchone() is not None
+def _senders(db: sqlite_utils.Database, rows: list[dict]) -> str:
+    names = []
+    for r in rows:
+        if r["direction"] == "out":
+            names.append("this practice")
+            continue
+        c = db.conn.execute("SELECT name FROM contacts WHERE node_id = ?", (r["sender"],)).fetchone()
+        names.append(f"from {c[0] if c else r['sender']}")
+    return ", ".join(dict.fromkeys(names))
+
+
+def has_record(db: sqlite_utils.Database, record_id: str, sender: str | None = None) -> bool:
+    return db.conn.execute("SELECT 1 FROM records WHERE id = ? AND (? IS NULL OR sender = ?)",
+                           (record_id, sender, sender)).fetchone() is not None
 
 
 def refused_from(db: sqlite_utils.Database, sender: str, seq: int) -> str | None:
@@ -265,10 +310,11 @@ def refused_from(db: sqlite_utils.Database, sender: str, seq: int) -> str | None
     return row[0] if row else None
 
 
-def stored_from(db: sqlite_utils.Database, record_id: str) -> tuple[str, bytes] | None:
-    """(sender, signed head) of a stored record: a duplicate is only one if both match."""
-    row = db.conn.execute("SELECT sender, head FROM records WHERE id = ?", (record_id,)).fetchone()
-    return (row[0], bytes(row[1])) if row else None
+def stored_from(db: sqlite_utils.Database, record_id: str, sender: str) -> bytes | None:
+    """The signed head of `sender`'s stored record under this ID: a duplicate only if it matches."""
+    row = db.conn.execute("SELECT head FROM records WHERE id = ? AND sender = ? AND direction = 'in'",
+                          (record_id, sender)).fetchone()
+    return bytes(row[0]) if row else None
 
 
 def list_records(db: sqlite_utils.Database, direction: str | None = None, patient_ix: bytes | None = None,
@@ -284,10 +330,12 @@ def list_records(db: sqlite_utils.Database, direction: str | None = None, patien
 
 def mark_opened(db: sqlite_utils.Database, record_id: str, now: int, event: str = "read",
                 receipt_for: tuple[str, bytes] | None = None) -> bool:
-    """Log a read; the first time, also queue the signed "opened" receipt for the sender."""
+    """Log a read; the first time, also queue the signed "opened" receipt for the sender
+    (`receipt_for` names it: only that sender's record under this ID is marked)."""
+    sender = receipt_for[0] if receipt_for is not None else None
     with transaction(db) as conn:
-        first = conn.execute("UPDATE records SET opened = ? WHERE id = ? AND opened IS NULL",
-                             (now, record_id)).rowcount > 0
+        first = conn.execute("UPDATE records SET opened = ? WHERE id = ? AND (? IS NULL OR sender = ?) "
+                             "AND opened IS NULL", (now, record_id, sender, sender)).rowcount > 0
         if first and receipt_for is not None:
             queue_receipt(db, record_id, receipt_for[0], "opened", receipt_for[1])
         audit.append(db, at=now, event=event, record=record_id)
@@ -311,13 +359,14 @@ def deliveries(db: sqlite_utils.Database, record_id: str | None = None, state: s
         where.append("d.state = ?")
         args.append(state)
     sql = ("SELECT d.*, r.created, r.body_size, c.name AS recipient_name FROM deliveries d "
-           "JOIN records r ON r.id = d.record_id LEFT JOIN contacts c ON c.node_id = d.recipient")
+           "JOIN records r ON r.id = d.record_id AND r.direction = 'out' LEFT JOIN contacts c ON c.node_id = d.recipient")
     sql += (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY r.created DESC, d.recipient"
     return list(db.query(sql, args))
 
 
 def due(db: sqlite_utils.Database, now: int, limit: int = 2000) -> list[dict]:
-    return list(db.query("SELECT d.*, r.created, r.body_size FROM deliveries d JOIN records r ON r.id = d.record_id "
+    return list(db.query("SELECT d.*, r.created, r.body_size FROM deliveries d "
+                         "JOIN records r ON r.id = d.record_id AND r.direction = 'out' "
                          f"WHERE d.state IN {_PENDING} AND d.next_try <= ? "
                          "ORDER BY d.recipient, d.seq LIMIT ?", [now, limit]))
 
@@ -338,8 +387,17 @@ def outgoing(db: sqlite_utils.Database, recipient: str, seqs: list[int]) -> list
         return []
     marks = ",".join("?" * len(seqs))
     return list(db.query(f"SELECT d.seq, d.record_id AS id, r.head, r.body_size, r.body FROM deliveries d "
-                         f"JOIN records r ON r.id = d.record_id WHERE d.recipient = ? AND d.seq IN ({marks}) "
+                         f"JOIN records r ON r.id = d.record_id AND r.direction = 'out' "
+                         f"WHERE d.recipient = ? AND d.seq IN ({marks}) "
                          f"ORDER BY d.seq", [recipient, *seqs]))
+
+
+def settled_above(db: sqlite_utils.Database, recipient: str, start: int, limit: int) -> list[tuple[int, str]]:
+    """The lowest `limit` settled (delivered or refused) positions of the stream to `recipient` above
+    `start`, as (seq, record ID): what an outbox answer lists again for a recipient restored from a backup."""
+    return [(seq, rid) for seq, rid in db.conn.execute(
+        f"SELECT seq, record_id FROM deliveries WHERE recipient = ? AND seq > ? AND state IN {_SETTLED} "
+        "ORDER BY seq LIMIT ?", (recipient, start, max(0, int(limit))))]
 
 
 def is_recipient(db: sqlite_utils.Database, record_id: str, node_id: str) -> bool:
@@ -358,7 +416,7 @@ def retire(db: sqlite_utils.Database, recipient: str, seqs: list[int], *, now: i
             if row is None:
                 continue
             conn.execute("UPDATE deliveries SET state = ?, delivered = ?, updated = ?, last_error = NULL, "
-                         "sent_bytes = (SELECT body_size FROM records WHERE id = ?), "
+                         "sent_bytes = (SELECT body_size FROM records WHERE id = ? AND direction = 'out'), "
                          "receipt = COALESCE(?, receipt) WHERE recipient = ? AND seq = ?",
                          (DELIVERED, now, now, row[0], (receipts or {}).get(seq), recipient, seq))
             audit.append(db, at=now, event="delivered", record=row[0], peer=recipient)
@@ -383,7 +441,8 @@ def stream_out(db: sqlite_utils.Database, since_updated: int | None = None) -> l
     """Deliveries for the sender's sessions: every pending one (at start), or every one changed
     since `since_updated` (to stay in step with other processes)."""
     cols = ("SELECT d.recipient, d.seq, d.record_id, d.state, d.attempts, d.next_try, d.stale, d.updated, "
-            "r.created, r.body_size FROM deliveries d JOIN records r ON r.id = d.record_id ")
+            "r.created, r.body_size FROM deliveries d "
+            "JOIN records r ON r.id = d.record_id AND r.direction = 'out' ")
     if since_updated is None:
         return list(db.query(cols + f"WHERE d.state IN {_PENDING}"))
     return list(db.query(cols + "WHERE d.updated >= ?", [since_updated]))
@@ -391,8 +450,12 @@ def stream_out(db: sqlite_utils.Database, since_updated: int | None = None) -> l
 
 def last_seqs(db: sqlite_utils.Database) -> dict[str, tuple[int, int]]:
     """Per recipient: the highest seq ever given out, and the latest `updated` of its deliveries."""
-    return {r: (s, u) for r, s, u in db.conn.execute(
+    out = {r: (s, u) for r, s, u in db.conn.execute(
         "SELECT recipient, MAX(seq), MAX(updated) FROM deliveries GROUP BY recipient")}
+    for r, floor in seqs.floors(db.conn).items():        # after a restore: the voids count as given out
+        s, u = out.get(r, (0, 0))
+        out[r] = (max(s, floor), u)
+    return out
 
 
 def mark_opened_by(db: sqlite_utils.Database, record_id: str, recipient: str, *, at: int, receipt: bytes,

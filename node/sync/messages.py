@@ -166,6 +166,7 @@ class Batch:
     prev: int
     last: int
     items: tuple[BatchItem, ...] = ()
+    void: tuple[int, int] | None = None     # (lo, hi): seqs the sender will never send (restored from a backup)
 
     def __post_init__(self) -> None:
         seqs = [i.seq for i in self.items]
@@ -173,13 +174,20 @@ class Batch:
             raise RemoteProtocolError("batch: sequence numbers out of order or out of range")
         if len(seqs) > MAX_BATCH_ITEMS:
             raise RemoteProtocolError("batch: too many items")
+        if self.void is not None:
+            lo, hi = self.void
+            if not 1 <= lo <= hi <= self.last or any(lo <= s <= hi for s in seqs):
+                raise RemoteProtocolError("batch: a void out of range or holding records")
 
     @property
     def full(self) -> bool:
         return len(self.items) >= MAX_BATCH_ITEMS
 
     def to_wire(self) -> dict[str, Any]:
-        return {"prev": self.prev, "last": self.last, "items": [i.to_wire() for i in self.items]}
+        out: dict[str, Any] = {"prev": self.prev, "last": self.last, "items": [i.to_wire() for i in self.items]}
+        if self.void is not None:
+            out["void"] = list(self.void)
+        return out
 
     @classmethod
     def from_wire(cls, obj: Any) -> "Batch":
@@ -189,7 +197,15 @@ class Batch:
             raise RemoteProtocolError("batch: too many items")
         return cls(prev=_seq(wire.field(m, "prev", int, what="outbox answer"), "outbox answer", "prev"),
                    last=_seq(wire.field(m, "last", int, what="outbox answer"), "outbox answer", "last"),
-                   items=tuple(BatchItem.from_wire(i) for i in items))
+                   items=tuple(BatchItem.from_wire(i) for i in items), void=_void(m.get("void")))
+
+
+def _void(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 2:
+        raise RemoteProtocolError("outbox answer: void must be [lo, hi]")
+    return _seq(value[0], "outbox answer", "void", 1), _seq(value[1], "outbox answer", "void", 1)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -9,7 +9,8 @@ serving.py) feeds it what arrived and carries out the effects it returns:
         on_attempt(seq)     -> Attempt                 (a large upload starts)
         on_answer(...)      -> Retire, Refused         (a push answer: receipts, ack, refusals)
         on_ack(ack)         -> Retire, Refused         (POST /v1/acks, or the ack inside an answer)
-        on_want(want)       -> Listing + Retire        (GET /v1/outbox: `since` retires)
+        on_want(want, settled) -> Listing + Retire     (GET /v1/outbox: `since` retires; settled seqs above
+                                                        it are listed again, for a recipient restored from a backup)
         on_failure(...)     -> ScheduleRetry           (backoff, stale flag)
     RecipientSession (one per sender, held by the Intake)
         on_batch(batch)     -> Commit (inline bodies, one transaction) + Fetch (downloads)
@@ -93,6 +94,7 @@ class Listing:
     prev: int
     last: int
     offers: tuple[Offer, ...]
+    void: tuple[int, int] | None = None    # seqs this node will never send (a void left by a restore)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -135,10 +137,13 @@ class Entry:
 class SenderSession:
     """The sender's view of one recipient's stream: what is pending, and the highest seq given out."""
 
-    def __init__(self, recipient: str, entries: Iterable[Entry] = (), last: int = 0) -> None:
+    def __init__(self, recipient: str, entries: Iterable[Entry] = (), last: int = 0,
+                 voids: Iterable[tuple[int, int]] = ()) -> None:
         self.recipient = recipient
         self.pending: dict[int, Entry] = {}
-        self.last = last
+        # After a restore from a backup: (lo, hi) ranges the lost node may have used; never used again.
+        self.voids = sorted(voids)
+        self.last = max([last, *(hi for _, hi in self.voids)])
         for e in entries:
             self.load(e)
 
@@ -218,15 +223,37 @@ class SenderSession:
 
     # pull ------------------------------------------------------------------------------
 
-    def on_want(self, want: Want, limit: int = MAX_BATCH_ITEMS) -> tuple[Listing, list[Retire]]:
-        """The recipient has everything up to `since` (retire those) and is fetching up to `after`."""
+    def on_want(self, want: Want, limit: int = MAX_BATCH_ITEMS,
+                settled: Iterable[Offer] = ()) -> tuple[Listing, list[Retire]]:
+        """The recipient has everything up to `since` (retire those) and is fetching up to `after`.
+
+        `settled`: the I/O layer's answer to `settled_from(want)` (the lowest seqs above it that the store
+        holds as delivered or refused). They are listed again beside the pending ones: a recipient asks
+        from below them only when it lost them (restored from a backup); one that holds them skips them.
+        """
         if want.since > self.last or want.after > self.last:
             raise RemoteProtocolError("want for sequence numbers never sent")
         retire = self._retire([s for s in self.pending if s <= want.since], {})
-        start = max(want.since, want.after)
-        offers = tuple(Offer(seq=s, record_id=self.pending[s].record_id)
-                       for s in sorted(self.pending) if s > start)[:min(limit, MAX_BATCH_ITEMS)]
-        return Listing(prev=start, last=self.last, offers=offers), retire
+        start, cap = self.settled_from(want), min(limit, MAX_BATCH_ITEMS)
+        listed = {o.seq: o for o in settled if start < o.seq <= self.last and not self._in_void(o.seq)}
+        listed.update((s, Offer(seq=s, record_id=e.record_id)) for s, e in self.pending.items() if s > start)
+        offers = tuple(listed[s] for s in sorted(listed)[:cap])
+        void = next((v for v in self.voids if v[1] > want.since), None)
+        return Listing(prev=start, last=self.last, offers=offers, void=void), retire
+
+    @staticmethod
+    def settled_from(want: Want) -> int:
+        """Where a Want's listing starts: settled seqs above this are listed again (at most MAX_BATCH_ITEMS)."""
+        return max(want.since, want.after)
+
+    def held_unknown(self, seqs: Iterable[int]) -> tuple[int, ...]:
+        """Of the seqs a recipient says it holds (an ack's upto and have, a want's since), those inside a
+        void: records the lost node sent after the backup, which this copy does not have. A void's top
+        is left out: it is where a recipient's cursor lands when it skips the void (`RecipientSession.skip`)."""
+        return tuple(sorted(s for s in set(seqs) if any(lo <= s < hi for lo, hi in self.voids)))
+
+    def _in_void(self, seq: int) -> bool:
+        return any(lo <= seq <= hi for lo, hi in self.voids)
 
     # ------------------------------------------------------------------------------------
 
@@ -306,6 +333,14 @@ class RecipientSession:
         inline = tuple(i for i in new if i.body is not None)
         effects: list[Commit | Fetch] = [Commit(items=inline)] if inline else []
         return effects + [Fetch(item=i) for i in new if i.body is None]
+
+    def skip(self, batch: Batch) -> tuple[int, int] | None:
+        """The void a sender's answer names, when the cursor has reached it: the store moves the cursor
+        over it (`records.skip_void`), since those seqs will never come."""
+        if batch.void is None:
+            return None
+        lo, hi = batch.void
+        return batch.void if lo - 1 <= self.cursor < hi else None
 
     def on_offer(self, offer: Offer) -> list[FillGap]:
         """A pushed record arrives: if something below it is missing, ask for it now."""

@@ -69,20 +69,53 @@ def sign_request(identity: Identity, *, method: str, target: str, callee: bytes,
 
 
 class ReplayGuard:
-    """Remembers nonces for the skew window; a nonce seen twice is a replay."""
+    """Refuses a request whose nonce this node has seen, or that was signed before it started.
 
-    def __init__(self, capacity: int = 200_000) -> None:
-        self._seen: OrderedDict[bytes, int] = OrderedDict()
-        self._capacity = capacity
+    Nonces are remembered per caller, for as long as a request carrying them could
+    still pass the clock check (twice the skew), and never evicted to make room: a
+    caller that sends more than `per_caller` requests in that window is refused
+    until its oldest ones age out, so no contact can push another's nonces out
+    of memory. Only callers whose signature verified get here, so the callers
+    are the practice's contacts and the memory is bounded by them.
 
-    def check(self, caller: bytes, nonce: bytes, now_ms: int) -> None:
-        while self._seen and (next(iter(self._seen.values())) < now_ms - 2 * MAX_SKEW_MS
-                              or len(self._seen) >= self._capacity):
-            self._seen.popitem(last=False)
-        key = caller + nonce
-        if key in self._seen:
+    Nothing is kept across restarts; instead a request signed before this guard
+    was made is refused (it may have been accepted by the process before). A
+    colleague whose clock is behind ours by d is refused for d after our start,
+    and its courier retries.
+    """
+
+    def __init__(self, per_caller: int = 20_000, *, started: int | None = None) -> None:
+        self._seen: dict[bytes, OrderedDict[bytes, int]] = {}
+        self._per_caller = per_caller
+        self.started = now_ms() if started is None else started
+
+    def check(self, caller: bytes, nonce: bytes, now_ms: int, ts: int | None = None) -> None:
+        if ts is not None and ts < self.started:
+            raise AuthenticationFailed("request signed before this node started: refused as a possible "
+                                       "replay; send it again")
+        self._forget(now_ms)
+        seen = self._seen.setdefault(caller, OrderedDict())
+        if nonce in seen:
             raise AuthenticationFailed("replayed request refused")
-        self._seen[key] = now_ms
+        if len(seen) >= self._per_caller:
+            raise AuthenticationFailed("too many requests from this node in the last 10 minutes; "
+                                       "try again later")
+        seen[nonce] = now_ms
+
+    def _forget(self, now_ms: int) -> None:
+        """Drop every nonce too old to pass the clock check again, and callers left with none."""
+        for caller in list(self._seen):
+            seen = self._seen[caller]
+            while seen and next(iter(seen.values())) < now_ms - 2 * MAX_SKEW_MS:
+                seen.popitem(last=False)
+            if not seen:
+                del self._seen[caller]
+
+    def remembered(self, caller: bytes | None = None) -> int:
+        """How many nonces are held (for one caller, or in all)."""
+        if caller is not None:
+            return len(self._seen.get(caller, ()))
+        return sum(len(s) for s in self._seen.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +156,7 @@ def check_request(claims: Claims, *, method: str, target: str, me: Identity, sig
             raise InvalidSignature("unknown caller")
     except InvalidSignature:
         raise AuthenticationFailed(NOT_AUTHENTICATED) from None
-    guard.check(claims.caller_raw, claims.nonce, now_ms)
+    guard.check(claims.caller_raw, claims.nonce, now_ms, claims.ts)
 
 
 def sign_response(identity: Identity, *, nonce: bytes, status: int, body: bytes) -> dict[str, str]:

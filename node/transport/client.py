@@ -4,6 +4,12 @@ aiohttp's exceptions are translated here (as httpcore's map_exceptions does),
 so callers only ever see PeerUnreachable, PeerTimeout, PeerRefused or
 AuthenticationFailed. A large body is streamed from an async iterator the
 caller provides; the client never holds more than one piece in memory.
+
+https:// addresses are called over TLS 1.3 and each new connection is checked
+before any request byte is written: the certificate must be bound to the
+identity key pinned for the contact (tls.IdentityPin). An impostor there is
+AuthenticationFailed, like an answer not signed by the contact. http://
+addresses (descriptors made before TLS) are still called over plain HTTP.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from ..core import wire
 from ..core.errors import (AuthenticationFailed, PeerRefused, PeerTimeout, PeerUnreachable, ProtocolError,
                       RemoteProtocolError, TransportError, UsageError)
 from ..core.identity import Identity, parse_node_id
-from . import auth
+from . import auth, tls
 
 MAX_ANSWER = 10 << 20          # an outbox answer carries up to 8 MiB of small records
 CONNECT_TIMEOUT = 10
@@ -39,6 +45,9 @@ class Peer:
 def map_exceptions(address: str):
     try:
         yield
+    except aiohttp.ServerFingerprintMismatch:
+        raise AuthenticationFailed(f"the node at {address} is not the expected colleague "
+                                   "(its TLS certificate is not signed by the contact's identity key)") from None
     except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, ConnectionError) as exc:
         raise PeerUnreachable(f"cannot reach {address}: {getattr(exc, 'strerror', None) or 'connection failed'}") from None
     except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
@@ -53,6 +62,16 @@ class Client:
     def __init__(self, identity: Identity) -> None:
         self.identity = identity
         self._session: aiohttp.ClientSession | None = None
+        self._pins: dict[bytes, tls.IdentityPin] = {}
+
+    def pin(self, sign_key: bytes) -> tls.IdentityPin:
+        """The certificate check for one identity key (one per key: aiohttp pools connections by it)."""
+        pin = self._pins.get(sign_key)
+        if pin is None:
+            if len(self._pins) >= 4096:
+                self._pins.clear()
+            pin = self._pins[sign_key] = tls.IdentityPin(sign_key, auth.now_ms)
+        return pin
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -66,11 +85,25 @@ class Client:
             self._session = None
 
     async def fetch_descriptor(self, address: str) -> bytes:
-        url = address.rstrip("/") + "/v1/descriptor"
-        if not url.startswith(("http://", "https://")):
+        """The public descriptor at `address`. An http:// address that does not answer in plain
+        HTTP is asked again over TLS (a node typed with the scheme it had before TLS)."""
+        if not address.startswith(("http://", "https://")):
             raise UsageError("a node address starts with http:// or https://")
+        try:
+            return await self._fetch_descriptor(address)
+        except PeerUnreachable as first:
+            if not address.startswith("http://"):
+                raise
+            try:
+                return await self._fetch_descriptor("https://" + address[len("http://"):])
+            except TransportError:
+                raise first from None                # the address as the user typed it
+
+    async def _fetch_descriptor(self, address: str) -> bytes:
+        url = address.rstrip("/") + "/v1/descriptor"
         with map_exceptions(address):
-            async with self._http().get(url, timeout=aiohttp.ClientTimeout(total=20)) as resp:
+            # Public and self-signed: whoever serves it, the caller checks the descriptor's ID.
+            async with self._http().get(url, timeout=aiohttp.ClientTimeout(total=20), ssl=False) as resp:
                 if resp.status != 200:
                     raise PeerRefused(f"{address} answered {resp.status} instead of a descriptor", resp.status)
                 body = await auth.read_limited(resp.content, 64 * 1024)
@@ -104,7 +137,7 @@ class Client:
                                         now_ms=auth.now_ms(), nonce=nonce)
             with map_exceptions(address):
                 async with self._http().request(method, address.rstrip("/") + target, data=body or None,
-                                                headers=headers) as resp:
+                                                headers=headers, ssl=self.pin(peer.sign_key)) as resp:
                     raw = await auth.read_limited(resp.content, MAX_ANSWER)
                     status, resp_headers = resp.status, resp.headers
             answer = self._answer(peer, nonce, status, raw, resp_headers)
@@ -136,7 +169,8 @@ class Client:
         headers = auth.sign_request(self.identity, method="GET", target=target, callee=parse_node_id(peer.node_id),
                                     body_digest=auth.digest(b""), now_ms=auth.now_ms(), nonce=nonce)
         with map_exceptions(address):
-            async with self._http().get(address.rstrip("/") + target, headers=headers) as resp:
+            async with self._http().get(address.rstrip("/") + target, headers=headers,
+                                        ssl=self.pin(peer.sign_key)) as resp:
                 if resp.status != 200:
                     raw = await auth.read_limited(resp.content, MAX_ANSWER)
                     answer = self._answer(peer, nonce, resp.status, raw, resp.headers)
@@ -180,7 +214,8 @@ class Client:
         headers = auth.sign_request(self.identity, method="GET", target=target, callee=parse_node_id(peer.node_id),
                                     body_digest=auth.digest(b""), now_ms=auth.now_ms(), nonce=nonce)
         with map_exceptions(address):
-            async with self._http().get(address.rstrip("/") + target, headers=headers) as resp:
+            async with self._http().get(address.rstrip("/") + target, headers=headers,
+                                        ssl=self.pin(peer.sign_key)) as resp:
                 raw = await auth.read_limited(resp.content, MAX_ANSWER)
                 status, resp_headers = resp.status, resp.headers
         answer = self._answer(peer, nonce, status, raw, resp_headers)
@@ -205,7 +240,8 @@ class Client:
                     progress(sent)
 
         with map_exceptions(address):
-            async with self._http().put(address.rstrip("/") + target, data=body(), headers=headers) as resp:
+            async with self._http().put(address.rstrip("/") + target, data=body(), headers=headers,
+                                        ssl=self.pin(peer.sign_key)) as resp:
                 raw = await auth.read_limited(resp.content, MAX_ANSWER)
                 status = resp.status
                 resp_headers = resp.headers

@@ -7,8 +7,8 @@ self-signed descriptor at the hinted address and keeps the hint only if the ID
 derived from its key is the one announced; every later request and answer is
 signed, so whoever answers there must also hold the key (docs/discovery.md).
 
-The TXT record carries `v=1`, `id=<node ID>` and `name=<display name>` and
-nothing else: it is broadcast to everyone on the LAN, so no patient data and
+The TXT record carries `v=1`, `id=<node ID>`, `name=<display name>` and, for a
+node serving TLS (every node now), `tls=1`, and nothing else: it is broadcast to everyone on the LAN, so no patient data and
 nothing about the practitioner beyond what a door plate shows.
 
 Everything runs on the event loop through python-zeroconf's `async_` API;
@@ -77,10 +77,16 @@ class _Entry:
 
 # --- TXT and addresses (pure) -------------------------------------------------
 
-def txt_record(node_id: str, name: str) -> dict[bytes, bytes]:
-    """The whole TXT record: a version, the node ID, the display name (cut to fit)."""
+def txt_record(node_id: str, name: str, tls: bool = False) -> dict[bytes, bytes]:
+    """The whole TXT record: a version, the node ID, the display name (cut to fit), TLS or not."""
     raw = name.strip().encode("utf-8")[:MAX_NAME_BYTES].decode("utf-8", "ignore")
-    return {b"v": TXT_VERSION, b"id": normalize_node_id(node_id).encode("ascii"), b"name": raw.encode("utf-8")}
+    txt = {b"v": TXT_VERSION, b"id": normalize_node_id(node_id).encode("ascii"), b"name": raw.encode("utf-8")}
+    return txt | ({b"tls": b"1"} if tls else {})
+
+
+def scheme_of(props: dict[bytes, bytes | None]) -> str:
+    """https for a node that says it serves TLS; http for one announced before TLS."""
+    return "https" if props.get(b"tls") == b"1" else "http"
 
 
 def parse_txt(props: dict[bytes, bytes | None]) -> tuple[str, str] | None:
@@ -99,8 +105,8 @@ def parse_txt(props: dict[bytes, bytes | None]) -> tuple[str, str] | None:
     return node_id, name
 
 
-def url_for(address: str, port: int) -> str | None:
-    """http://host:port for a usable LAN address; None for loopback, wildcard, multicast, scoped v6."""
+def url_for(address: str, port: int, scheme: str = "http") -> str | None:
+    """scheme://host:port for a usable LAN address; None for loopback, wildcard, multicast, scoped v6."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -110,8 +116,8 @@ def url_for(address: str, port: int) -> str | None:
     if ip.version == 6:
         if ip.is_link_local:        # needs a zone index that a URL cannot carry portably
             return None
-        return f"http://[{ip}]:{port}"
-    return f"http://{ip}:{port}"
+        return f"{scheme}://[{ip}]:{port}"
+    return f"{scheme}://{ip}:{port}"
 
 
 def _check_ips(addresses: Iterable[str]) -> list[str]:
@@ -170,8 +176,9 @@ class Lan:
     """
 
     def __init__(self, *, interfaces: Sequence[str] | None = None, on_hint: HintCallback | None = None,
-                 watch: float | None = WATCH_EVERY, clock: Callable[[], int] = now_ms) -> None:
+                 watch: float | None = WATCH_EVERY, clock: Callable[[], int] = now_ms, tls: bool = True) -> None:
         self.interfaces = list(interfaces) if interfaces is not None else None
+        self.tls = tls                          # what the announced server speaks (a node: always TLS)
         self.watch = watch
         self.callbacks: list[HintCallback] = [on_hint] if on_hint else []
         self._clock = clock
@@ -320,7 +327,7 @@ class Lan:
     def _service_info(self, instance_or_name: str, bind: list[str]) -> AsyncServiceInfo:
         name = instance_or_name if instance_or_name.endswith(SERVICE) else f"{instance_or_name}.{SERVICE}"
         addresses = self._addresses if self._addresses is not None else bind
-        return AsyncServiceInfo(SERVICE, name, port=self._port, properties=txt_record(self._node_id, self._name),
+        return AsyncServiceInfo(SERVICE, name, port=self._port, properties=txt_record(self._node_id, self._name, self.tls),
                                 server=self._host, parsed_addresses=addresses)
 
     # --- browsing ---------------------------------------------------------------
@@ -367,7 +374,8 @@ class Lan:
         node_id, display = parsed
         if node_id == self._node_id:
             return
-        urls = [u for a in info.parsed_addresses() if info.port and (u := url_for(a, info.port))]
+        scheme = scheme_of(info.properties)
+        urls = [u for a in info.parsed_addresses() if info.port and (u := url_for(a, info.port, scheme))]
         log.debug("%s resolved: %s at %s", name, node_id, ", ".join(urls) or "no usable address")
         if urls:
             self.record(name, node_id, display, urls[:MAX_ADDRS])

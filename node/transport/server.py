@@ -11,6 +11,8 @@ checked on the headers before any body is read; refusals before that are
 counted per source, not logged one by one; small bodies are bounded by a
 budget per caller and in total and must arrive within BODY_TIMEOUT; streamed
 bodies may not stall or trickle; connections are capped per source address.
+A node serves TLS 1.3 only, with a certificate bound to its identity key
+(tls.py); a bare Server without `tls` speaks plain HTTP (tests, tools).
 
     GET  /v1/descriptor                       the signed descriptor (public)
     POST /v1/descriptor                       a contact hands over its new descriptor (key rotated, revoked)
@@ -40,6 +42,7 @@ from ..core.errors import (AuthenticationFailed, CabinetError, ConsentRefused, C
                       StoreError, TooLarge, UsageError)
 from ..core.identity import Identity
 from . import auth, door
+from . import tls as _tls
 
 log = logging.getLogger("cabinet.server")
 MAX_SMALL_BODY = 1 << 20
@@ -67,7 +70,11 @@ class Handler(Protocol):
 
     def descriptor_bytes(self) -> bytes: ...
 
-    async def sign_key_for(self, node_id: str) -> bytes | None: ...
+    async def pinned_key(self, node_id: str) -> tuple[bytes | None, str | None]:
+        """The identity key a caller must sign with (None: a stranger), and why a proven caller
+        is refused anyway (held, revoked) or None. The reason is told only once the signature
+        verifies, so a stranger cannot tell held and revoked contacts from unknown IDs."""
+        ...
 
     async def receive_record(self, caller: str, record_id: str, head_raw: bytes, offset: int, seq: int | None,
                              body: AsyncIterator[bytes]) -> Answer: ...
@@ -171,10 +178,12 @@ async def _prove_caller(request: web.Request) -> None:
     claims = auth.parse_request(request.headers)
     if abs(auth.now_ms() - claims.ts) > auth.MAX_SKEW_MS:
         raise AuthenticationFailed("request time is more than 5 minutes off; check the clocks")
-    key = await h.sign_key_for(claims.caller)
+    key, refusal = await h.pinned_key(claims.caller)
     auth.check_request(claims, method=request.method, target=request.raw_path, me=h.identity,
                        sign_key=key, guard=request.app[GUARD], now_ms=auth.now_ms())
     request[_CLAIMS], request[_NONCE] = claims, claims.nonce
+    if refusal is not None:
+        raise AuthenticationFailed(refusal)          # proven: a signed 401 with the reason
 
 
 async def authenticate(request: web.Request, body_digest_of: bytes | None) -> str:
@@ -376,12 +385,18 @@ class Server:
     """
 
     def __init__(self, handler: Handler, host: str, port: int, *, per_source: int = door.PER_SOURCE,
-                 routes: Sequence[Callable[[web.Application], None]] = ()) -> None:
+                 routes: Sequence[Callable[[web.Application], None]] = (), tls: _tls.ServerTLS | None = None) -> None:
         self._app = make_app(handler, routes)
         self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
         self.host, self.port, self._per_source = host, port, per_source
+        self.tls = tls
         self._listener: asyncio.AbstractServer | None = None
-        self._summaries: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def scheme(self) -> str:
+        """https when serving TLS (a node always does), http for a bare server (tests, tools)."""
+        return "https" if self.tls is not None else "http"
 
     @property
     def gate(self) -> door.ConnectionGate:
@@ -400,25 +415,36 @@ class Server:
         def connection() -> door.GatedHandler:
             return door.GatedHandler(manager, gate=gate, loop=loop, keepalive_timeout=KEEPALIVE_TIMEOUT,
                                      lingering_time=1.0, access_log=None, logger=http_log, max_headers=64)
+        context = self.tls.context if self.tls is not None else None
         try:
-            self._listener = await loop.create_server(connection, self.host, self.port, reuse_address=True,
-                                                      backlog=512)
+            self._listener = await loop.create_server(
+                connection, self.host, self.port, reuse_address=True, backlog=512, ssl=context,
+                ssl_handshake_timeout=_tls.HANDSHAKE_TIMEOUT if context is not None else None)
         except OSError as exc:
             await self._runner.cleanup()
             raise UsageError(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
         if self._listener.sockets:
             self.port = self._listener.sockets[0].getsockname()[1]
-        self._summaries = asyncio.create_task(self._summarise(refusals))
+        self._tasks = [asyncio.create_task(self._summarise(refusals))]
+        if self.tls is not None:
+            self._tasks.append(asyncio.create_task(self._renew(self.tls)))
 
     async def _summarise(self, refusals: logsetup.RefusalSummary) -> None:
         while True:
             await asyncio.sleep(refusals.period)
             refusals.flush()
 
+    async def _renew(self, server_tls: _tls.ServerTLS) -> None:
+        """A fresh ephemeral key and binding every day, so none outlives its 30-day expiry.
+        The identity is read from the handler each time: a key change is taken at once."""
+        while True:
+            await asyncio.sleep(_tls.RENEW_EVERY)
+            server_tls.renew(auth.now_ms(), self._app[HANDLER].identity)
+
     async def stop(self) -> None:
-        if self._summaries is not None:
-            self._summaries.cancel()
-            self._summaries = None
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
         if self._listener is not None:
             self._listener.close()
             self._listener = None
