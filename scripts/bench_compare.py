@@ -51,7 +51,7 @@ BENCHES = (
     Bench("envelope", "scripts/bench_envelope.py", ("--size-mib", "128", "--repeat", "3", "--quiet-wait", "5",
                                                     "--no-prime"),
           (Metric("seal+open / raw secretstream", r"seal\+open ([\d.]+)"),)),
-    Bench("small", "scripts/bench_small.py", ("--count", "400"),
+    Bench("small", "scripts/bench_small.py", ("--count", "300"),
           (Metric("referrals/s / bare HTTP POST", r"ratio cabinet / bare HTTP POST 5 KB:\s+([\d.]+)"),
            Metric("referral median ms", r"delivery [\d.]+ ms of ([\d.]+) ms", higher_is_better=False))),
     Bench("sync", "scripts/bench_sync.py", ("--count", "3000", "--resume-mib", "128"),

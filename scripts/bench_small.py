@@ -70,6 +70,12 @@ def describe(name: str, lat: list[float]) -> tuple[str, float]:
     return line, per_s
 
 
+def blobs_module():
+    """node.store.blobs, whichever layout this checkout has."""
+    import importlib
+    return importlib.import_module("node.store.blobs")
+
+
 class Breakdown:
     """Wall-clock time of the parts of send_referral, by wrapping (in this process only) the calls it makes.
 
@@ -121,9 +127,12 @@ class Breakdown:
             if hasattr(node.client, name):      # whichever of these this checkout's courier uses
                 self._wrap_async(node.client, name, lambda args, name=name: f"network: Client.{name} "
                                  "(request, the receiver's work, signed answer)")
-        self._wrap_sync(self.mod.blobstore, "seal_files", "files: seal_files (in a thread)")
-        if hasattr(node, "_place_sealed"):
+        self._wrap_sync(blobs_module(), "seal_files", "files: seal_files (in a thread)")
+        if hasattr(node, "_place_sealed"):                  # checkouts before node/app/ existed
             self._wrap_sync(node, "_place_sealed", "files: Node._place_sealed (read back or commit)")
+        else:
+            import node.app.records as records_service
+            self._wrap_sync(records_service, "place_sealed", "files: place_sealed (read back or commit)")
         self._wrap_sync(node.blobs, "commit", "files: BlobStore.commit (fsync, rename, fsync dir)")
         return self
 
