@@ -7,6 +7,12 @@ in the whole line and caps its length, so a request path or header logged by any
 one line that cannot pretend to be another. Tracebacks (our own bugs) keep one line per frame,
 each behind the record's own prefix and a "| " mark.
 
+`kv(event, **fields)` makes the stable key=value form of one event's line
+(`event=record-received record=ID peer=NODEID size=N`) that log shippers parse: values
+that hold a space, a quote, a backslash or "=" are double-quoted with \" and \\ escaped.
+Callers pass identifiers, states, counts and reason codes only (never a patient name,
+subject, file name, token or key).
+
 `RefusalSummary` counts refused requests per source address and writes one line per source per
 period instead of one per request (a stranger's flood costs a few lines a minute).
 """
@@ -44,6 +50,25 @@ def clean(text: str, limit: int = MAX_LINE) -> str:
     if len(text) > limit:
         text = f"{text[:limit]}...({len(text) - limit} more)"
     return text
+
+
+_BARE = re.compile(r"^[^\s\"\\=]*$")
+
+
+def kv(event: str, /, **fields: object) -> str:
+    """`event=NAME key=value ...` in the order given; None values left out; one line, capped."""
+    parts = [f"event={_value(event)}"]
+    for key, value in fields.items():
+        if value is not None:
+            parts.append(f"{key}={_value(value)}")
+    return " ".join(parts)
+
+
+def _value(value: object) -> str:
+    text = clean(str(value).lower() if isinstance(value, bool) else str(value), 300)
+    if text and _BARE.match(text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 class SafeFormatter(logging.Formatter):

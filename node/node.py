@@ -35,6 +35,7 @@ from .app.handler import NodeHandler
 from .app.intake import Intake
 from .app.loop import Loop
 from .app.patients import PatientEndpoints, PatientService
+from .app.portmapping import PortMapping
 from .app.ports import Ports, wall_clock
 from .app.reachability import Reachability
 from .app.records import EarlierCopy, Records, RecordView, SendResult, Summary, check_born, safe_name
@@ -46,7 +47,7 @@ from .core.card import Card
 from .core.directory import Found
 from .core.envelope import MAX_ATTACHMENT, MAX_ATTACHMENTS, Attachment
 from .core.errors import (AlreadyExists, AuthenticationFailed, CabinetError, InvalidEnvelope, NotFound, StoreError,
-                          TooLarge, UsageError)
+                          TooLarge, UsageError, WrongPassphrase)
 from .core.identity import DESCRIPTOR_PREFIX, Descriptor, normalize_node_id, valid_address
 from .logsetup import clean as clean_for_log
 from .logsetup import setup as setup_logging
@@ -67,7 +68,7 @@ __all__ = [
     "MAX_ATTACHMENTS", "cards", "consent", "default_data_dir", "parse_listen", "valid_address", "normalize_node_id",
     "now_ms", "check_born", "safe_name", "contact_state", "setup_logging", "clean_for_log",
     "CabinetError", "UsageError", "NotFound", "AlreadyExists", "AuthenticationFailed", "InvalidEnvelope",
-    "StoreError", "TooLarge", "TooManyAttempts",
+    "StoreError", "TooLarge", "TooManyAttempts", "WrongPassphrase", "DESCRIPTOR_PREFIX",
     "Event", "EventBus", "Subscription", "RecordReceived", "RecordStored", "DeliveryChanged", "RecordOpened",
     "Refusal", "AuditAppended", "KeyChanged", "PeerSeen", "SignInFailed",
 ]
@@ -152,13 +153,16 @@ class Node:
         return await asyncio.to_thread(cls, folder, secrets, config, store)
 
     async def close(self) -> None:
+        await self._stop_health()
         await self.reachability.close()
+        await self._stop_upkeep()
         await self._key_watch.stop()
         await self.intake.sweeper.stop()
         await self.courier.stop()
         await self.puller.stop()
         await self.discovery.stop()
         await self.discovery.stop_lan()
+        await self._stop_port_mapping()
         if self._server:
             await self._server.stop()
             self._server = None
@@ -183,7 +187,8 @@ class Node:
         bound = 0
         if accept:
             server_tls = await asyncio.to_thread(ServerTLS, self.ports.identity, self.ports.now())
-            self._server = Server(self.handler, host, port, routes=[access.add_routes], tls=server_tls)
+            self._server = Server(self.handler, host, port, routes=[access.add_routes, self._health_route()],
+                                  tls=server_tls)
             await self._server.start()
             bound = self.own.bound_port = self._server.port
             if listen and port and listen != self.config.listen:
@@ -191,15 +196,19 @@ class Node:
                 await asyncio.to_thread(self.config.save, self.folder)
             if self.own.addresses_changed() and not self.own.current.revoked:
                 await self._descriptor_changed()      # peers replace older descriptors by sequence number
+            await self._start_port_mapping(host, bound)     # IPv6 addresses now, the router's port soon
         await self._audit("node-started", detail=None if accept else "not listening")
         await self.discovery.start_lan(host, bound or None)
         self.courier.start()
         self.puller.start()
         self.discovery.start()
+        await self.reachability.load()                                   # which address worked, per colleague
         if self._server is not None:
             self.reachability.start_registrations(self._server.port)     # config.relays, if any
         self._key_watch.start()
         self.intake.sweeper.start()            # collects expired partial bodies, now and then hourly
+        self._start_upkeep()                   # scheduled backups and retention
+        await self._start_health()             # event log lines, metrics, alerts
         return host, bound
 
     def _take_run_lock(self) -> None:
@@ -251,13 +260,16 @@ class Node:
     async def add_contact(self, source: str | bytes, *, name: str | None = None,
                           expect_id: str | None = None) -> tuple[dict, str]:
         """Add a colleague from a descriptor (bytes, text, a file path, an http:// address) or a node ID alone."""
-        return await self.contacts_service.add(source, name=name, expect_id=expect_id)
+        added = await self.contacts_service.add(source, name=name, expect_id=expect_id)
+        await self.reachability.refresh_accept()       # the relays let the new colleague call at once
+        return added
 
     async def learn_descriptor(self, desc: Descriptor) -> tuple[dict, str]:
         return await self.contacts_service.learn(desc)
 
     async def confirm_contact(self, ref: str) -> dict:
         c = await self.contacts_service.confirm(ref)
+        await self.reachability.refresh_accept()
         self.courier.wake()
         return c
 
@@ -537,3 +549,201 @@ class Node:
 
     async def stop_relays(self) -> None:
         await self.reachability.close()
+
+    # --- health, metrics, alerts ---
+    # node/app/health.py (event log lines, metrics, disk and clock samples) and node/app/alerts.py
+    # (rules over the audit log and the events); built on first use, started by serve(). docs/operations.md.
+
+    def _health_services(self):
+        from .app.alerts import AlertService
+        from .app.health import HealthService
+        if getattr(self, "_alert_svc", None) is None:
+            self._alert_svc = AlertService(self.ports)
+            self._health_svc = HealthService(self.ports)
+        return self._health_svc, self._alert_svc
+
+    def _health_route(self):
+        """A `routes` adder for the node's server: times requests, measures the callers' clocks."""
+        from .app.health import server_hook
+        return server_hook(lambda *a: self._health_services()[0].observe_request(*a))
+
+    async def _start_health(self) -> None:
+        health, alerts = self._health_services()
+        await health.start()
+        await alerts.start()
+
+    async def _stop_health(self) -> None:
+        if getattr(self, "_alert_svc", None) is not None:
+            await self._alert_svc.stop()
+            await self._health_svc.stop()
+
+    @property
+    def metrics(self):
+        """The running node's counters and request-time histogram (app/health.py's Metrics)."""
+        return self._health_services()[0].metrics
+
+    async def alerts(self, *, include_acked: bool = False) -> list[dict]:
+        return await self._health_services()[1].list(include_acked)
+
+    async def ack_alert(self, alert_id: int, by: str) -> dict:
+        row = await self._health_services()[1].ack(alert_id, by)
+        if row is None:
+            raise NotFound(f"no open alert {alert_id} ('cabinet alerts' lists them)")
+        self.events.publish(AuditAppended(at=self.ports.now(), event="alert-acknowledged"))
+        return row
+
+    async def raise_alert(self, rule: str, subject: str, count: int, detail: str) -> dict:
+        """Raise an alert from outside the rules (a face noticing something that needs a person)."""
+        return await self._health_services()[1].raise_alert(rule, subject, count, detail)
+
+    async def verify_audit_for_alerts(self) -> bool:
+        return await self._health_services()[1].verify_chain()
+
+    @property
+    def alert_settings(self):
+        return self._health_services()[1].settings
+
+    async def health(self, *, check_reach: bool = True) -> dict:
+        """Everything `cabinet status` shows (app/health.py's `gather`), and what needs a person."""
+        from .app.health import gather
+        _, alerts = self._health_services()
+        await alerts.ensure()
+        running = self._lock_fd is not None or await asyncio.to_thread(self._running_elsewhere)
+        lan = ([dict(node_id=h.node_id, url=h.url, verified=h.verified) for h in self.discovery.lan.peers()]
+               if self.discovery.lan is not None else None)
+        relays = ([dict(url=r.url, registered=r.registered, last_error=r.last_error)
+                   for r in self.reachability.status()] if self._lock_fd is not None else None)
+        return await gather(self.ports, alerts, base=await self.status(), running=running,
+                            in_process=self._lock_fd is not None, lan=lan, relays=relays,
+                            reach=self._check_reach if check_reach else None)
+
+    async def _check_reach(self) -> dict:
+        """Our descriptor fetched from each advertised address, and looked up at each bootstrap."""
+        from .transport import directory
+        out: dict[str, dict[str, str]] = {"addresses": {}, "bootstraps": {}}
+        for address in (a for a in self.descriptor.addresses if a.startswith(("http://", "https://"))):
+            try:
+                desc = Descriptor.from_wire(await self.client.fetch_descriptor(address))
+                out["addresses"][address] = "ok" if desc.node_id == self.node_id else "another node answers"
+            except CabinetError as exc:
+                out["addresses"][address] = str(exc).splitlines()[0][:200]
+        for url in self.config.bootstraps:
+            try:
+                found = await directory.lookup_any([url], self.node_id)
+                out["bootstraps"][url] = "ok" if found is not None else "reached, but it does not list this node"
+            except CabinetError as exc:
+                out["bootstraps"][url] = str(exc).splitlines()[0][:200]
+        return out
+
+    # --- port mapping ---------------------------------------------------------------
+    # app/portmapping.py: the router's open port (NAT-PMP / PCP) and the global IPv6 addresses,
+    # listed in the descriptor after the configured ones (docs/reachability.md).
+
+    _portmap: PortMapping | None = None
+
+    async def _start_port_mapping(self, host: str, port: int) -> None:
+        self._portmap = PortMapping(self.ports, on_change=self._addresses_learned)
+        await self._portmap.begin(host, port)
+
+    async def _addresses_learned(self) -> None:
+        """The router's public address or the IPv6 addresses changed: a new descriptor, published."""
+        if self.own.addresses_changed() and not self.own.current.revoked:
+            await self._descriptor_changed()
+
+    async def _stop_port_mapping(self) -> None:
+        if self._portmap is not None:
+            portmap, self._portmap = self._portmap, None
+            await portmap.close()                     # the router's mapping is deleted
+
+    def port_mapping_status(self) -> dict:
+        """How the router's door stands: protocol, external address and port, lifetime, last error,
+        and the global IPv6 addresses found (for `cabinet status`)."""
+        if self._portmap is None:
+            return {"enabled": False, "state": "off" if not self.config.port_mapping else "not serving",
+                    "protocol": None, "gateway": None, "external_address": None, "external_port": None,
+                    "lifetime": None, "renew_at": None, "last_error": None, "ipv6": []}
+        return self._portmap.status()
+
+    # --- scheduled backups and retention ---
+    # node/app/backup.py (Scheduled) and node/app/retention.py; docs/operations-box.md.
+
+    def _upkeep(self) -> tuple[Loop, Loop]:
+        loops = getattr(self, "_upkeep_loops", None)
+        if loops is None:
+            from .app.backup import Scheduled
+            from .app.retention import Retention
+            self.scheduled_backups = Scheduled(self.ports, lambda: self._secrets.kek)
+            self.retention = Retention(self.ports)
+            loops = (Loop("cabinet-backups", self.scheduled_backups.round),
+                     Loop("cabinet-retention", self.retention.round))
+            self._upkeep_loops = loops
+        return loops
+
+    def _start_upkeep(self) -> None:
+        for loop in self._upkeep():
+            loop.start()
+
+    async def _stop_upkeep(self) -> None:
+        for loop in getattr(self, "_upkeep_loops", ()):
+            await loop.stop()
+
+    def set_backup_schedule(self, dest: str | Path | None, schedule: str) -> None:
+        """Keep where `cabinet run` backs up and how often (daily, weekly, off) in the config."""
+        from .app.backup import check_schedule
+        self.config.backup_schedule = check_schedule(schedule)
+        if dest is not None:
+            self.config.backup_dest = str(Path(dest).expanduser().absolute())
+        self.config.save(self.folder)
+
+    async def purge(self, *, before: int | None = None, older_than: str | None = None):
+        """Remove the bodies of records created before a date (or older than a period); audited.
+        Returns node/app/retention.PurgeReport."""
+        from .app.retention import cutoff
+        self._upkeep()
+        if (before is None) == (older_than is None):
+            raise UsageError("give either a date (--before) or a period (--older-than)")
+        return await self.retention.purge(before if before is not None else cutoff(self.ports.now(), older_than or ""))
+
+    def set_retention(self, period: str) -> str:
+        """The period the running node applies daily ("off": none); returns it as kept."""
+        from .app.retention import check_configured
+        self.config.retention = "" if period == "off" else check_configured(period)
+        self.config.save(self.folder)
+        return self.config.retention
+
+    async def purged_on(self, ref: str) -> int | None:
+        """When a record's body was purged under retention (Unix ms), or None."""
+        row = await self.store.call(records.get_record, ref)
+        self._upkeep()
+        return await self.retention.purged_on(row["id"], row["sender"])
+
+    @staticmethod
+    def parse_date(text: str) -> int:
+        from .app.retention import parse_date
+        return parse_date(text)
+
+    @staticmethod
+    def service_unit(*, command: Sequence[str], data: str | Path, user: str, web: str | None = None,
+                     passphrase_from: str = "web") -> str:
+        """The systemd unit that runs this node as a service (node/app/service.py); the configured
+        backup destination is writable too."""
+        from .app import service
+        backup_dest = Config.load(Path(data)).backup_dest
+        try:
+            return service.unit_text(service.UnitSpec(command=tuple(command), data=str(data), user=user, web=web,
+                                                      passphrase_from=passphrase_from,
+                                                      writable=(backup_dest,) if backup_dest else ()))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+
+    async def gauges(self) -> dict:
+        """What /metrics reads on each scrape: disk, backup, open alerts, deliveries by state."""
+        from .app.health import disk
+        from .store import health as health_table
+        _, alerts = self._health_services()
+        free, total = await asyncio.to_thread(disk, self.folder)
+        backup_at = await self.store.call(health_table.last_backup)
+        states = await self.store.call(lambda db: dict(db.conn.execute(
+            "SELECT state, COUNT(*) FROM deliveries GROUP BY state").fetchall()))
+        return dict(disk_free=free, disk_total=total, backup_at=backup_at, now=self.ports.now(),
+                    alerts=await alerts.list(), deliveries=states)

@@ -2,7 +2,7 @@
 # installs what they need when it is missing. Needs root; quiet when everything is there.
 _netns_need=""
 command -v ip >/dev/null 2>&1 || _netns_need="$_netns_need iproute2"
-command -v iptables >/dev/null 2>&1 || command -v nft >/dev/null 2>&1 || _netns_need="$_netns_need iptables"
+command -v nft >/dev/null 2>&1 || _netns_need="$_netns_need nftables"      # the NAT routers of test_relay_nat.py
 command -v tcpdump >/dev/null 2>&1 || _netns_need="$_netns_need tcpdump"
 if [ -n "$_netns_need" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing for the namespace tests:$_netns_need" >&2

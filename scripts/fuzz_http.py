@@ -17,6 +17,7 @@ import asyncio
 import gzip
 import os
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -158,6 +159,13 @@ def encode(req: Req, served: ServedNode) -> bytes:
     return "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + body
 
 
+# Nodes speak TLS 1.3 only (docs/transport.md); the fuzzer's requests go inside it. Who answers is
+# checked by the signed answers, as the fuzzer's property wants, not by the certificate here.
+_TLS = ssl.create_default_context()
+_TLS.check_hostname, _TLS.verify_mode = False, ssl.CERT_NONE
+_TLS.minimum_version = ssl.TLSVersion.TLSv1_3
+
+
 def exchange(port: int, data: bytes, timeout: float = ANSWER_SECONDS, *,
              half_close: bool = False) -> tuple[int | None, dict, bytes]:
     """Send one request on a new connection; (status or None if closed unanswered, headers, body).
@@ -165,12 +173,12 @@ def exchange(port: int, data: bytes, timeout: float = ANSWER_SECONDS, *,
     `half_close` ends the sending side after the request, so that the node sees where mangled bytes
     end instead of waiting for more (aiohttp then drops the request without an answer, which is fine).
     """
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+    with _TLS.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=timeout)) as sock:
         try:
             sock.sendall(data)
             if half_close:
                 sock.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
             pass                                   # it answered (and closed) before reading everything
         chunks, size = [], 0
         try:
@@ -180,7 +188,7 @@ def exchange(port: int, data: bytes, timeout: float = ANSWER_SECONDS, *,
                     break
                 chunks.append(piece)
                 size += len(piece)
-        except ConnectionResetError:
+        except (ConnectionResetError, ssl.SSLError):
             pass
         except socket.timeout:
             raise PropertyFailed(f"hang: no answer within {timeout} s") from None

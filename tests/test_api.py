@@ -116,8 +116,9 @@ async def test_referral_with_5mb_attachment_goes_through_both_apis(pair, tmp_pat
         data = os.urandom(5 * 1024 * 1024)
         async with aiohttp.ClientSession() as s:
             events: list[dict] = []
+            already = len(b.node.events._subs)          # the node's own subscribers (health, alerts)
             listener = asyncio.create_task(read_events(b, s, read_tok, lambda e: e["type"] == "RecordReceived", events))
-            await until(lambda: _subscribers(b.node), "the event stream to subscribe")
+            await until(lambda: _subscribers(b.node, already), "the event stream to subscribe")
             sent = await send_one(a, s, send_tok, "Dr Paul Durand", data)
             rid = sent["record_id"]
             assert re.fullmatch(r"[0-9a-f]{32}", rid) and sent["url"] == f"/api/records/{rid}"
@@ -171,8 +172,8 @@ async def test_referral_with_5mb_attachment_goes_through_both_apis(pair, tmp_pat
                 h.close()
 
 
-async def _subscribers(node: Node) -> bool:
-    return bool(node.events._subs)
+async def _subscribers(node: Node, already: int) -> bool:
+    return len(node.events._subs) > already
 
 
 async def sign_in(p: Practice, s, account: str, password: str = PASSWORD) -> tuple[int, dict, dict]:

@@ -353,3 +353,43 @@ def test_relay_addresses_are_accepted_in_descriptors_and_nowhere_else():
         d = ident.descriptor(name="Dr R", addresses=(url,), seq=1, now_ms=NOW)
         with pytest.raises(RemoteProtocolError, match="bad address list"):
             Descriptor.from_wire(d.signed)
+
+
+# --- IPv6 addresses (docs/reachability.md) ----------------------------------------------------
+
+IPV6_GOOD = ["https://[2001:db8::5]:7400", "https://[2001:db8::5]", "http://[2a01:e0a:1f2:3c40::17]:7400",
+             "https://[::1]:7400", "https://[fd12:3456:789a::1]:7400", "https://[::ffff:203.0.113.5]:7400"]
+IPV6_BAD = [
+    "https://2001:db8::5:7400",           # no brackets: where does the address end?
+    "https://[2001:db8::5:7400",          # unclosed
+    "https://[2001:db8::5]x:7400",        # something between the bracket and the port
+    "https://[2001:db8::5]]:7400",
+    "https://[[2001:db8::5]:7400",
+    "https://[fe80::1%25eth0]:7400",      # a zone index: meaningless on another machine
+    "https://[fe80::1%eth0]:7400",
+    "https://[fe80::1]:7400",             # link-local without its zone cannot be dialled
+    "https://[::]:7400",                  # the wildcard is where one listens, not an address
+    "https://[ff02::1]:7400",             # multicast
+    "https://[2001:db8::zz]:7400",
+    "https://[v1.fe]:7400",               # IPvFuture literal
+    "https://[2001:db8::5]@evil.example:7400",
+    "https://[2001:db8::5]:0",
+    "https://[2001:db8::5]:65536",
+]
+
+
+@pytest.mark.parametrize("url", IPV6_GOOD)
+def test_ipv6_urls_are_valid_descriptor_addresses(url):
+    assert identity.valid_address(url) and identity.valid_node_address(url)
+    ident = Identity.generate()
+    d = ident.descriptor(name="Dr V6", addresses=(url, "https://203.0.113.5:7400"), seq=1, now_ms=NOW)
+    assert Descriptor.from_wire(d.signed).addresses == (url, "https://203.0.113.5:7400")
+
+
+@pytest.mark.parametrize("url", IPV6_BAD)
+def test_malformed_or_unusable_ipv6_urls_are_refused(url):
+    assert not identity.valid_address(url)
+    assert not identity.valid_node_address(url)
+    d = Identity.generate().descriptor(name="Dr V6", addresses=(url,), seq=1, now_ms=NOW)
+    with pytest.raises(RemoteProtocolError, match="bad address list"):
+        Descriptor.from_wire(d.signed)

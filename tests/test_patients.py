@@ -13,14 +13,16 @@ import asyncio
 import base64
 import json
 import sqlite3
+from pathlib import Path
 
 import pytest
 
 from conftest import PASSPHRASE
 from node import Node
 from node.core import consent
-from node.core.card import Card, check_history, grant as grant_with, history_request, revocation
-from node.core.errors import AlreadyExists, ConsentRefused, InvalidSignature, PeerRefused, UsageError
+from node.core.card import Card, check_history, grant as grant_with, history_request, open_as_patient, revocation
+from node.core.errors import (AlreadyExists, ConsentRefused, InvalidSignature, PeerRefused, RemoteProtocolError,
+                              UsageError)
 from node.store import audit, records
 from node.store import patients as sp
 from node.transport import access
@@ -501,7 +503,6 @@ def node_id_of(data) -> str:
 # --- a folder from before the sealing migrates by itself ----------------------------------------
 
 async def test_a_version_1_folder_is_sealed_on_open_and_its_chain_still_verifies(tmp_path):
-    import subprocess
     a, c = await make(tmp_path, "A"), await make(tmp_path, "C")
     await meet(a, c)
     sent = await a.send_referral(to="C", patient="Jeanne Martin", subject="Echo", letter="x")
@@ -509,8 +510,7 @@ async def test_a_version_1_folder_is_sealed_on_open_and_its_chain_still_verifies
     await a.close()
     await c.close()
     # The database as the code before the sealing left it: its schema, clear rows, clear audit details.
-    old_schema = subprocess.run(["git", "show", "HEAD:node/store/patients.py"], capture_output=True, text=True,
-                                check=True).stdout.split('SCHEMA = """')[1].split('"""')[0]
+    old_schema = (Path(__file__).parent / "fixtures" / "patients-schema-v1.sql").read_text()
     conn = sqlite3.connect(folder / "cabinet.db", isolation_level=None)
     for t in ("patient_keys", "patient_records", "patient_revocations", "patient_grants", "patient_grant_uses",
               "patient_audit"):
@@ -545,3 +545,17 @@ async def test_a_version_1_folder_is_sealed_on_open_and_its_chain_still_verifies
     raw = b"".join(p.read_bytes() for p in folder.iterdir() if p.name.startswith("cabinet.db"))
     for needle in (b"P-OLD42", b"psychiatry", b"OLD REASON", b"OLDJTI"):
         assert needle not in raw, needle
+
+
+async def test_the_history_is_sealed_to_the_patients_card_on_its_way(world):
+    """Only the card opens the history: the node carrying it, and anyone on the way, cannot read it."""
+    w = world
+    req = history_request(w.card, by=w.b.node_id, now=w.now)
+    sealed = await w.a.patients.history_for(req, caller=w.b.node_id)
+    assert b"patient-enrolled" not in sealed and b"P-0042" not in sealed
+    with pytest.raises((InvalidSignature, RemoteProtocolError)):
+        check_history(sealed, w.card)                       # not readable as it travels
+    assert check_history(open_as_patient(w.card, sealed), w.card)["entries"]
+    other = await w.a.patients.enroll("P-0043")
+    with pytest.raises(ConsentRefused, match="not sealed to this patient"):
+        open_as_patient(other, sealed)

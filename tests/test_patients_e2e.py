@@ -69,5 +69,5 @@ def test_grant_fetch_refuse_revoke_and_history_across_three_practices(practice, 
     assert "Jeanne" not in history
     assert "intact" in a.ok("audit", "check-head", str(tmp_path / "h.txt"))
     assert "intact" in a.ok("audit", "verify")
-    copies = db_rows(a, "SELECT COUNT(*) FROM record_patients WHERE copy_of IS NOT NULL")
+    copies = db_rows(a, "SELECT COUNT(*) FROM patient_records WHERE copy_of IS NOT NULL")
     assert copies == [(1,)]

@@ -284,6 +284,9 @@ class MeddlingRelay(Relay):
     def meddle(self, n: int, seen: int, piece: bytes) -> bytes:
         return piece
 
+    def meddle_down(self, n: int, seen: int, piece: bytes) -> bytes:
+        return piece
+
     async def _session(self, caller, caller_id, callee, callee_id, finished) -> None:
         self.count += 1
         if self.honest:
@@ -304,9 +307,13 @@ class MeddlingRelay(Relay):
             callee.writer.close()
 
         async def down() -> None:
+            seen = 0
             while piece := await callee.reader.read(65536):
-                caller.writer.write(piece)
-                await caller.writer.drain()
+                out = self.meddle_down(n, seen, piece)
+                seen += len(piece)
+                if out:
+                    caller.writer.write(out)
+                    await caller.writer.drain()
             caller.writer.close()
         try:
             await asyncio.gather(up(), down(), return_exceptions=True)
@@ -321,10 +328,12 @@ class MeddlingRelay(Relay):
 
 
 class DroppingRelay(MeddlingRelay):
-    """Drops one piece of what the caller sends, a megabyte into each session."""
+    """Drops one piece each way, a megabyte into each session (so a pull by the recipient breaks too)."""
 
     def meddle(self, n: int, seen: int, piece: bytes) -> bytes:
         return b"" if seen <= (1 << 20) < seen + len(piece) else piece
+
+    meddle_down = meddle
 
 
 class ReplayingRelay(MeddlingRelay):

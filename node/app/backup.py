@@ -18,15 +18,17 @@ in a worker thread. Nothing here ever sees plaintext record data.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import nacl.bindings as B
 import nacl.encoding
@@ -35,13 +37,16 @@ import nacl.hash
 import nacl.secret
 import nacl.utils
 
-from ..config import CONFIG
+from ..config import CONFIG, Config
 from ..core import crypto, wire
 from ..core.errors import CabinetError, CorruptStore, InvalidSignature, ProtocolError, UsageError, WrongPassphrase
 from ..core.identity import Identity, node_id_for
 from ..store import backup as dbbackup
 from ..store import keyfile
+from ..store import records as store_records
+from ..store.retention import last_backup
 from ..store.db import DBFILE, connect
+from .events import AuditAppended
 from .ports import Ports
 
 HEADER, MANIFEST, SECRETS = "cabinet-backup", "manifest", "secrets"
@@ -254,8 +259,16 @@ def _pull(state, data: bytes, fo) -> bool:
 
 # --- making a backup -----------------------------------------------------------------
 
-def make(ports: Ports, dest: Path, passphrase: str, *, part_max: int = PART_MAX) -> Report:
-    """Write (or bring up to date) the backup of this node in `dest`."""
+def make(ports: Ports, dest: Path, passphrase: str | None, *, part_max: int = PART_MAX,
+         kek: bytes | None = None) -> Report:
+    """Write (or bring up to date) the backup of this node in `dest`.
+
+    The backup key is wrapped under the passphrase; a running node that was
+    not given it again (a scheduled backup) wraps it under `kek`, the key its
+    key file's Argon2id derived at unlock, with that file's salt and cost.
+    """
+    if passphrase is None and not kek:
+        raise UsageError("a backup needs the passphrase (or the unlocked node's key)")
     folder, identity = ports.folder, ports.identity
     dest = Path(dest).expanduser()
     if dest.resolve() == folder.resolve() or folder.resolve() in dest.resolve().parents:
@@ -298,9 +311,14 @@ def make(ports: Ports, dest: Path, passphrase: str, *, part_max: int = PART_MAX)
             files[rel] = list(_copy_file(src, dest / rel))
             report.blobs_copied += 1
 
-    ops, mem = keyfile.kdf_cost(folder)
-    salt = nacl.utils.random(16)
-    pass_wrap = {"salt": salt, "ops": ops, "mem": mem, "box": _wrap(keyfile.derive(passphrase, salt, ops, mem), key)}
+    if passphrase is not None:
+        ops, mem = keyfile.kdf_cost(folder)
+        salt = nacl.utils.random(16)
+        pass_wrap = {"salt": salt, "ops": ops, "mem": mem,
+                     "box": _wrap(keyfile.derive(passphrase, salt, ops, mem), key)}
+    else:
+        assert kek is not None
+        pass_wrap = _kek_wrap(folder, kek, key)
     _write_file(dest / HEADER, wire.pack({"v": 1, "kind": "cabinet-backup", "node": identity.node_id,
                                           "pass": pass_wrap, "code": code_wrap}))
     body = wire.pack({"v": 1, "node": identity.node_id, "sign_key": identity.sign_public, "at": report.at,
@@ -311,6 +329,16 @@ def make(ports: Ports, dest: Path, passphrase: str, *, part_max: int = PART_MAX)
     report.files = len(files)
     report.bytes = sum(v[0] for v in files.values())
     return report
+
+
+def _kek_wrap(folder: Path, kek: bytes, key: bytes) -> dict:
+    """The backup key wrapped under the key file's derived key, with the key file's salt and cost:
+    `unlock` derives the same key from the passphrase. Refused if the passphrase changed since unlock."""
+    outer = wire.unpack((folder / keyfile.KEYFILE).read_bytes(), max_size=1 << 16, what="key file")
+    if _unwrap(kek, outer["box"]) is None:
+        raise WrongPassphrase("the passphrase was changed since the node was unlocked: restart it "
+                              "(or run 'cabinet backup DEST' by hand)")
+    return {"salt": outer["salt"], "ops": outer["ops"], "mem": outer["mem"], "box": _wrap(kek, key)}
 
 
 def _size(path: Path) -> int | None:
@@ -528,3 +556,70 @@ def restore(src: Path, data: Path, *, now: int, passphrase: str | None = None, r
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return {"node_id": body["node"], "at": body["at"], "files": len(body["files"])}
+
+
+# --- scheduled backups (cabinet run) -------------------------------------------------------
+
+log = logging.getLogger("cabinet.backup")
+SCHEDULES = {"daily": 24 * 3600 * 1000, "weekly": 7 * 24 * 3600 * 1000, "off": 0}
+RETRY_S = 3600.0
+
+
+def check_schedule(text: str) -> str:
+    if text not in SCHEDULES:
+        raise UsageError(f"--schedule: daily, weekly or off (got {text!r})")
+    return text
+
+
+class Scheduled:
+    """The running node's backups to `config.backup_dest`, made when due without the passphrase
+    (under the key derived at unlock, `kek()`); a failure is logged, audited and retried hourly.
+
+    The destination and schedule are re-read from config.json each round (`cabinet backup DEST
+    --schedule` sets them while the node runs). Any backup of this node counts (its "backup-made"
+    audit entry), so a backup made by hand postpones the next scheduled one.
+    """
+
+    def __init__(self, ports: Ports, kek: Callable[[], bytes]) -> None:
+        self.ports, self._kek = ports, kek
+        self.last_error: str | None = None
+
+    async def round(self) -> float:
+        p = self.ports
+        fresh = await asyncio.to_thread(Config.load, p.folder)
+        p.config.backup_dest, p.config.backup_schedule = fresh.backup_dest, fresh.backup_schedule
+        period = SCHEDULES.get(p.config.backup_schedule, SCHEDULES["daily"])
+        if not p.config.backup_dest or not period:
+            return RETRY_S
+        if await p.store.call(dbbackup.get_meta, META_KEY) is None:
+            # The first backup prints the recovery code: it must be made by a person, who keeps it.
+            self.last_error = "no backup made by hand yet"
+            log.warning("scheduled backup: run 'cabinet backup DEST' once by hand first (it shows the recovery code)")
+            return RETRY_S
+        last = await p.store.call(last_backup)
+        now = p.now()
+        if last is not None and now - last < period:
+            return min((last + period - now) / 1000, RETRY_S)
+        return await self._make(Path(p.config.backup_dest))
+
+    async def _make(self, dest: Path) -> float:
+        p = self.ports
+        try:
+            report = await asyncio.to_thread(make, p, dest, None, kek=self._kek())
+        except (CabinetError, OSError) as exc:
+            reason = str(exc) if isinstance(exc, CabinetError) else (exc.strerror or exc.__class__.__name__)
+            self.last_error = reason
+            log.error("scheduled backup to %s failed: %s; next try in an hour", dest, reason)
+            await self._audit("backup-failed", f"scheduled: {reason}"[:300])
+            return RETRY_S
+        self.last_error = None
+        log.info("scheduled backup written to %s: %d files, %d new record bodies", dest, report.files,
+                 report.blobs_copied)
+        await self._audit("backup-made", f"scheduled: {report.files} files, {report.blobs_copied} new")
+        return RETRY_S
+
+    async def _audit(self, event: str, detail: str) -> None:
+        p = self.ports
+        await p.store.call(store_records.log, at=p.now(), event=event, detail=detail)
+        p.publish(AuditAppended(at=p.now(), event=event))
+

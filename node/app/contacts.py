@@ -168,8 +168,9 @@ class Contacts:
             raise UsageError("that descriptor is this node's own")
         if desc.expired(p.now()):
             raise UsageError("that descriptor has expired; ask the colleague for a fresh one")
+        before = await p.store.call(records.contact_by_id, desc.node_id)
         status = await p.store.call(records.upsert_contact, desc, (name or desc.name).strip(), p.now())
-        self._key_event(desc.node_id, status)
+        self._key_event(before, desc, status)
         return await p.store.call(records.find_contact, desc.node_id), status
 
     async def learn(self, desc: Descriptor) -> tuple[dict, str]:
@@ -181,12 +182,16 @@ class Contacts:
         status = await p.store.call(records.upsert_contact, desc, row["name"], p.now())
         if status == "revoked":
             log.warning("contact %s has revoked its key: nothing more is sent to or accepted from it", desc.node_id)
-        self._key_event(desc.node_id, status)
+        self._key_event(row, desc, status)
         return row, status
 
-    def _key_event(self, node_id: str, status: str) -> None:
-        if status in ("updated", "held", "revoked"):
-            self.ports.publish(KeyChanged(at=self.ports.now(), node_id=node_id, status=status))
+    def _key_event(self, before: dict | None, desc: Descriptor, status: str) -> None:
+        """KeyChanged only when a key changed: a new identity (held), a revocation, or a new
+        encryption key; a new address or new details are not a key change."""
+        if status == "updated" and before is not None:
+            status = "rotated" if Descriptor.from_wire(before["descriptor"]).enc_key != desc.enc_key else ""
+        if status in ("rotated", "held", "revoked"):
+            self.ports.publish(KeyChanged(at=self.ports.now(), node_id=desc.node_id, status=status))
 
     async def confirm(self, ref: str) -> dict:
         c = await self.get(ref)

@@ -73,7 +73,7 @@ class AuditAppended(Event):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KeyChanged(Event):
     node_id: str
-    status: str                # updated, held, revoked, rotated (our own)
+    status: str                # rotated (a new encryption key), held (a new identity key), revoked
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,6 +89,17 @@ class SignInFailed(Event):
 
     account: str
     retry_after_ms: int        # how long this account and source are now made to wait
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AlertRaised(Event):
+    """An abusive-access or health rule fired (node/app/alerts.py): never a patient."""
+
+    alert_id: int
+    rule: str
+    subject: str               # an account, a peer's node ID, or "node"
+    count: int
+    new: bool                  # False: an open alert of this rule and subject was brought up to date
 
 
 class Subscription:

@@ -40,7 +40,7 @@ from typing import Callable, NoReturn, Protocol
 
 from ..core import consent, wire
 from ..core.audit_docs import wrap_copy_data
-from ..core.card import Card, check_history, history_request, read_history_request
+from ..core.card import Card, check_history, history_request, open_as_patient, read_history_request, seal_to_patient
 from ..core.envelope import BodyParser, Decryptor, Head, Header, Manifest, Recipient, Sealer
 from ..core.errors import ConsentRefused, InvalidEnvelope, UsageError
 from ..core.identity import Descriptor, normalize_node_id, parse_node_id
@@ -389,7 +389,9 @@ class PatientService:
             await self.store.call(sp.log, self.vault, at=now, event="history-refused", peer=caller,
                                   patient=row["patient_ref"] if row else None, why=str(exc)[:300])
             raise
-        return await self.history(row["patient_ref"], caller=caller, now=now)
+        signed = await self.history(row["patient_ref"], caller=caller, now=now)
+        # Sealed to the patient's card: the nodes that carry it (and anyone watching) cannot read it.
+        return seal_to_patient(row["public_key"], signed)
 
     async def signed_head(self, now: int | None = None) -> bytes:
         return await self.store.call(sp.signed_head, self.ports.identity, await self._now(now))
@@ -448,7 +450,8 @@ class PatientService:
         else:
             peer = self.locate(await self.contacts.get(card.practice))
             raw = await access.fetch_history(self.ports.client, peer, token)
-        return raw, check_history(raw, card)
+        signed = open_as_patient(card, raw)
+        return signed, check_history(signed, card)
 
     async def send_revocation(self, card_practice: str, token: str) -> str:
         """Apply a revocation here if this is the card's practice, else carry it there."""

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nacl.bindings as B
+import nacl.exceptions
 import segno
 
 from . import consent
@@ -193,6 +195,27 @@ def read_history_request(token: str, *, public_key: bytes, patient_ref: str, pra
     if abs(now - iat) > HISTORY_WINDOW:
         raise ConsentRefused("history request is stale or from the future (good for 5 minutes): check the clocks")
     return claims
+
+
+def seal_to_patient(public_key: bytes, data: bytes) -> bytes:
+    """Seal `data` for the holder of a patient's card only (the card's Ed25519 key, as X25519):
+    whichever nodes carry it, only the card opens it (libsodium's sealed box)."""
+    try:
+        x25519 = B.crypto_sign_ed25519_pk_to_curve25519(public_key)
+    except (nacl.exceptions.CryptoError, ValueError, TypeError):
+        raise InvalidKey("the patient's key cannot be used to seal") from None
+    return bytes(B.crypto_box_seal(data, x25519))
+
+
+def open_as_patient(card: Card, sealed: bytes) -> bytes:
+    """Open what was sealed to this card's key (a history); one clear error otherwise."""
+    seed = card.secret()
+    try:
+        secret = B.crypto_sign_ed25519_sk_to_curve25519(seed + card.public_key)
+        public = B.crypto_sign_ed25519_pk_to_curve25519(card.public_key)
+        return bytes(B.crypto_box_seal_open(sealed, public, secret))
+    except (nacl.exceptions.CryptoError, ValueError, TypeError):
+        raise ConsentRefused("this answer was not sealed to this patient's card") from None
 
 
 def check_history(raw: bytes, card: Card) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import ipaddress
 import urllib.parse
 import hashlib
 import unicodedata
@@ -97,7 +98,23 @@ def valid_address(url: str, *, allow_path: bool = False) -> bool:
     except ValueError:
         return False
     return (parts.scheme in ("http", "https") and bool(parts.hostname) and (allow_path or parts.path in ("", "/"))
-            and not parts.query and not parts.fragment and (port is None or 0 < port < 65536))
+            and not parts.query and not parts.fragment and (port is None or 0 < port < 65536)
+            and _valid_host(parts.netloc))
+
+
+def _valid_host(netloc: str) -> bool:
+    """An IPv6 host is exactly `[address]` (then `:port` or nothing): a usable unicast address
+    without a zone index (a URL cannot carry one portably), not link-local, not the wildcard."""
+    if "[" not in netloc and "]" not in netloc:
+        return True
+    host, sep, rest = netloc.partition("]")
+    if not host.startswith("[") or not sep or (rest and not rest.startswith(":")) or "[" in host[1:] or "]" in rest:
+        return False
+    try:
+        ip = ipaddress.IPv6Address(host[1:])
+    except ValueError:                      # also a zone index (fe80::1%eth0) or an IPvFuture literal
+        return False
+    return not (ip.is_unspecified or ip.is_link_local or ip.is_multicast)
 
 
 RELAY_SCHEME = "relay+tcp"

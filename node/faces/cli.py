@@ -10,48 +10,35 @@ DIR/node.log and reported in one line.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
-import segno
-
-from . import cli_accounts, cli_box, cli_patient, sending
-from .web.server import PortInUse, start_web
-from .prompt import passphrase
+from . import cli_remote
+from . import control_client as cc
+from .cli_remote import print_delivery, size
 from .text import shown
-from ..node import (CabinetError, Descriptor, Node, RecordStored, Summary, UsageError, contact_state,
-                    default_data_dir, now_ms, parse_listen, setup_logging, valid_address)
 
-log = logging.getLogger("cabinet.cli")
+# Light on purpose: while `cabinet run` runs, the commands below are answered through its control
+# socket (control_client.py) and only this module, argparse and the standard library are loaded.
+# The facade (aiohttp, nacl, sqlite_utils) is imported only when the folder is opened here.
 DEFAULT_WEB = "127.0.0.1:7480"
 
 
+def default_data_dir() -> Path:
+    env = os.environ.get("CABINET_DATA")
+    return Path(env).expanduser() if env else Path.home() / ".cabinet"
+
+
 # --- helpers -------------------------------------------------------------------
-
-def _url(text: str) -> str:
-    if not valid_address(text):
-        raise UsageError(f"not an address: {text!r} (expected http://host:port)")
-    return text.rstrip("/")
-
 
 def when(ms: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ms / 1000)) if ms else "-"
 
 
-def size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def print_summaries(rows: list[Summary], header: str) -> None:
+def print_summaries(rows: list, header: str) -> None:
     if not rows:
         print(f"{header}: nothing yet")
         return
@@ -67,9 +54,40 @@ def print_summaries(rows: list[Summary], header: str) -> None:
 
 
 # --- commands ------------------------------------------------------------------
+# A command that the running node can answer is three parts: its request (`_req_*`), the facade
+# calls (control_commands.py, run by the node or by `control.run_local`), and its printer
+# (`_show_*`), which prints the same from either.
+
+def _ns(row: dict) -> SimpleNamespace:
+    return SimpleNamespace(**row)
+
+
+def _passphrase() -> str:
+    from .prompt import passphrase
+    return passphrase()
+
+
+async def _local(a, cmd: str, args: dict):
+    from . import control_commands
+    return await control_commands.run_local(a.data, _passphrase(), cmd, args)
+
+
+def _command(cmd: str, request, show):
+    """cmd_X: open the folder here and run the command; `main` first tries the running node."""
+    async def run(a) -> int:
+        args, fds = request(a, False)
+        return show(a, await _local(a, cmd, args))
+    run.remote = (cmd, request, show)        # type: ignore[attr-defined]
+    return run
+
+
+def _plain(build):
+    return lambda a, remote: (build(a), [])
+
 
 async def cmd_init(a) -> int:
-    node_id = await Node.init(a.data, passphrase(confirm=True), name=a.name, specialty=a.specialty, city=a.city,
+    from ..node import Node
+    node_id = await Node.init(a.data, _passphrase_confirmed(), name=a.name, specialty=a.specialty, city=a.city,
                               rpps=a.rpps, listen=a.listen, advertise=a.advertise or (),
                               bootstraps=a.bootstrap or (), lan=not a.no_lan, relays=a.relay or ())
     print(f"Practice node created in {a.data}")
@@ -78,71 +96,34 @@ async def cmd_init(a) -> int:
     return 0
 
 
+def _passphrase_confirmed() -> str:
+    from .prompt import passphrase
+    return passphrase(confirm=True)
+
+
 async def cmd_run(a) -> int:
-    async with Node.open(a.data, passphrase=passphrase()) as node:
-        if a.bootstrap:
-            node.use_bootstraps(a.bootstrap)
-        if a.no_lan:
-            node.config.lan = False
-        if a.advertise:
-            node.config.advertise = [_url(u) for u in a.advertise]
-            node.config.save(node.folder)
-        if a.relay:
-            node.use_relays(a.relay)
-        host, port = await node.serve(a.listen, accept=not a.no_listen, pull_interval=a.pull_every)
-        where = f"listening on https://{host}:{port}" if port else "not listening (delivering and pulling only)"
-        print(f"cabinet node {node.node_id} ({node.config.name}) {where}", flush=True)
-        web = None if a.no_web else await _start_web(node, a)
-        if web is not None:
-            print(f"web app and local API on {web.url}  ('cabinet user add NAME' makes an account)", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        print("stopping...", flush=True)
-        if web is not None:
-            await web.close()
-    print("stopped", flush=True)
+    from .control_run import run
+    return await run(a)
+
+
+def _show_id(a, d: dict) -> int:
+    if a.export:
+        Path(a.export).write_text(d["text"] + "\n", encoding="utf-8")
+        print(f"Descriptor written to {a.export}")
+    print(f"Node ID: {d['node_id']}")
+    print(f"Name:    {d['name']}  {d['specialty']}  {d['city']}".rstrip())
+    print(f"Address: {', '.join(d['addresses']) or '(none advertised)'}")
+    local = [u for u in d["addresses"] if _only_this_machine(u)]
+    if local:
+        print(f"WARNING: {', '.join(local)} can only be reached from this computer: colleagues elsewhere "
+              "cannot use it. Run with --listen 0.0.0.0:PORT and --advertise https://YOUR-ADDRESS:PORT "
+              "(or a bootstrap) before sharing this descriptor.", file=sys.stderr)
+    if a.text or not a.export:
+        print(d["text"])
     return 0
 
 
-async def _start_web(node: Node, a):
-    """The web app on --web HOST:PORT (default 127.0.0.1:7480); if the default port is taken (a second
-    node on this computer), any free port, said so."""
-    host, port = parse_listen(a.web or DEFAULT_WEB)
-    tls = (a.web_cert, a.web_key) if a.web_cert or a.web_key else None
-    if tls is not None and not (a.web_cert and a.web_key):
-        raise UsageError("give both --web-cert FILE and --web-key FILE")
-    try:
-        return await start_web(node, host, port, tls=tls)
-    except PortInUse:
-        if a.web:
-            raise
-        web = await start_web(node, host, 0, tls=tls)
-        print(f"note: {DEFAULT_WEB} is taken (another node on this computer?); web app on port {web.port}",
-              file=sys.stderr, flush=True)
-        return web
-
-
-async def cmd_id(a) -> int:
-    async with Node.open(a.data, passphrase=passphrase()) as node:
-        text = node.descriptor.to_text()
-        if a.export:
-            Path(a.export).write_text(text + "\n", encoding="utf-8")
-            print(f"Descriptor written to {a.export}")
-        print(f"Node ID: {node.node_id}")
-        print(f"Name:    {node.config.name}  {node.config.specialty}  {node.config.city}".rstrip())
-        addrs = ", ".join(node.descriptor.addresses) or "(none advertised)"
-        print(f"Address: {addrs}")
-        local = [u for u in node.descriptor.addresses if _only_this_machine(u)]
-        if local:
-            print(f"WARNING: {', '.join(local)} can only be reached from this computer: colleagues elsewhere "
-                  "cannot use it. Run with --listen 0.0.0.0:PORT and --advertise https://YOUR-ADDRESS:PORT "
-                  "(or a bootstrap) before sharing this descriptor.", file=sys.stderr)
-        if a.text or not a.export:
-            print(text)
-    return 0
+cmd_id = _command("id", _plain(lambda a: {}), _show_id)
 
 
 def _only_this_machine(url: str) -> bool:
@@ -157,66 +138,82 @@ def _only_this_machine(url: str) -> bool:
         return False
 
 
-async def cmd_contact_add(a) -> int:
-    async with Node.open(a.data, passphrase=passphrase()) as node:
-        c, status = await node.add_contact(a.source, name=a.name, expect_id=a.id)
-        if status == "held":
-            old = await node.contact(c["replaces"])
-            print(f"WARNING: {shown(c['name'])} claims to be {shown(old['name'])} ({old['node_id']}), whom you already know, "
-                  f"but with ANOTHER IDENTITY KEY ({c['node_id']}).", file=sys.stderr)
-            print(f"State: {contact_state(c)}. This happens when a practice reinstalls its box, and when someone "
-                  "impersonates it. Nothing is sent to the new key until you check the safety code by phone and run:",
-                  file=sys.stderr)
-            print(f"    cabinet contact confirm \"{shown(c['name'])}\"", file=sys.stderr)
-            return 3
-        if status == "revoked":
-            raise UsageError(f"{shown(c['name'])} ({c['node_id']}): {contact_state(c)}; ask them for their new node ID")
-        state = contact_state(c)
-        hint = "" if c["verified"] else "; 'cabinet contact verify' compares the safety code"
-        print(f"Contact {status}: {shown(c['name'])}  {c['node_id']}  ({state}{hint})")
+def _req_contact_add(a, remote: bool) -> tuple[dict, list]:
+    args = {"source": a.source, "name": a.name, "expect_id": a.id}
+    if remote and not a.source.startswith(("http://", "https://")) and os.path.isfile(a.source):
+        # the caller's file is read here, as the caller: the node is handed its text, never a path
+        with open(a.source, "rb") as f:
+            args |= {"source": f.read(1 << 20).decode("utf-8", "surrogateescape"), "file": True}
+    return args, []
+
+
+def _show_contact_add(a, d: dict) -> int:
+    c, status = d["contact"], d["status"]
+    if status == "held":
+        old = d["old"]
+        print(f"WARNING: {shown(c['name'])} claims to be {shown(old['name'])} ({old['node_id']}), whom you already "
+              f"know, but with ANOTHER IDENTITY KEY ({c['node_id']}).", file=sys.stderr)
+        print(f"State: {c['state']}. This happens when a practice reinstalls its box, and when someone "
+              "impersonates it. Nothing is sent to the new key until you check the safety code by phone and run:",
+              file=sys.stderr)
+        print(f"    cabinet contact confirm \"{shown(c['name'])}\"", file=sys.stderr)
+        return 3
+    if status == "revoked":
+        print(f"cabinet: {shown(c['name'])} ({c['node_id']}): {c['state']}; ask them for their new node ID",
+              file=sys.stderr)
+        return 2
+    hint = "" if c["verified"] else "; 'cabinet contact verify' compares the safety code"
+    print(f"Contact {status}: {shown(c['name'])}  {c['node_id']}  ({c['state']}{hint})")
     return 0
 
 
-async def cmd_contact_confirm(a) -> int:
-    async with Node.open(a.data, passphrase=passphrase()) as node:
-        c = await node.confirm_contact(a.name)
-        print(f"{shown(c['name'])} ({c['node_id']}) confirmed: {contact_state(c)}; what was held for it is "
-              "delivered by 'cabinet run'.")
+cmd_contact_add = _command("contact_add", _req_contact_add, _show_contact_add)
+
+
+def _show_contact_confirm(a, c: dict) -> int:
+    print(f"{shown(c['name'])} ({c['node_id']}) confirmed: {c['state']}; what was held for it is "
+          "delivered by 'cabinet run'.")
     return 0
 
 
-async def cmd_directory_search(a) -> int:
-    async with Node.open(a.data, passphrase=passphrase()) as node:
-        found = await node.directory_search(" ".join(a.query))
-        if not found:
-            print("No practitioner found.")
-        for f in found:
-            d = f.descriptor
-            rpps = f"  RPPS {shown(d.rpps)}" if d.rpps else ""
-            print(f"{shown(d.name)[:28]:28}  {shown(d.specialty)[:20]:20}  {shown(d.city)[:16]:16}  {d.node_id}{rpps}")
-            if f.conflict:
-                what = " and ".join({"same-rpps": "the same RPPS number",
-                                     "same-name-city": "the same name and city"}.get(c, c) for c in f.conflict)
-                print(f"  ! another identity claims {what}: compare the safety code before trusting either")
+cmd_contact_confirm = _command("contact_confirm", _plain(lambda a: {"name": a.name}), _show_contact_confirm)
+
+
+def _show_directory_search(a, found: list) -> int:
+    if not found:
+        print("No practitioner found.")
+    for d in found:
+        rpps = f"  RPPS {shown(d['rpps'])}" if d["rpps"] else ""
+        print(f"{shown(d['name'])[:28]:28}  {shown(d['specialty'])[:20]:20}  {shown(d['city'])[:16]:16}  "
+              f"{d['node_id']}{rpps}")
+        if d["conflict"]:
+            what = " and ".join({"same-rpps": "the same RPPS number",
+                                 "same-name-city": "the same name and city"}.get(c, c) for c in d["conflict"])
+            print(f"  ! another identity claims {what}: compare the safety code before trusting either")
     return 0
 
 
-async def cmd_directory_lookup(a) -> int:
-    async with Node.open(a.data, passphrase=passphrase()) as node:
-        d = await node.directory_lookup(a.node_id)
-        known = {c["node_id"]: c for c in await node.contacts()}.get(d.node_id)
-        print(f"{shown(d.name)}  {shown(d.specialty)}  {shown(d.city)}  {d.node_id}  seq {d.seq}")
-        print("Addresses: " + (shown(", ".join(d.addresses)) or "(none)"))
-        if known is not None:
-            print(f"Contact:   {shown(known['name'])}, {contact_state(known)}")
-        if d.revoked:
-            state = contact_state({"revoked": 1, "held": 0, "verified": 0, "descriptor": d.signed})
-            print(f"State:     {state} (this descriptor says so: nothing can be sent to it)")
+cmd_directory_search = _command("directory_search", _plain(lambda a: {"query": " ".join(a.query)}),
+                                _show_directory_search)
+
+
+def _show_directory_lookup(a, d: dict) -> int:
+    print(f"{shown(d['name'])}  {shown(d['specialty'])}  {shown(d['city'])}  {d['node_id']}  seq {d['seq']}")
+    print("Addresses: " + (shown(", ".join(d["addresses"])) or "(none)"))
+    if d["contact"] is not None:
+        print(f"Contact:   {shown(d['contact']['name'])}, {d['contact']['state']}")
+    if d["revoked"]:
+        print(f"State:     {d['revoked_state']} (this descriptor says so: nothing can be sent to it)")
     return 0
+
+
+cmd_directory_lookup = _command("directory_lookup", _plain(lambda a: {"node_id": a.node_id}),
+                                _show_directory_lookup)
 
 
 async def cmd_directory_announce(a) -> int:
-    async with Node.open(a.data, passphrase=passphrase()) as node:
+    from ..node import Node
+    async with Node.open(a.data, passphrase=_passphrase()) as node:
         if a.bootstrap:
             node.use_bootstraps(a.bootstrap)
         results = await node.announce()
@@ -228,21 +225,22 @@ async def cmd_directory_announce(a) -> int:
         return 0 if ok else 1
 
 
-async def cmd_peers(a) -> int:
-    async with Node.open(a.data, passphrase=passphrase()) as node:
-        hints = await node.lan_peers(a.wait)
-        names = {c["node_id"]: c["name"] for c in await node.contacts()}
-    if not hints:
+def _show_peers(a, d: dict) -> int:
+    if not d["peers"]:
         print(f"No cabinet node answered on the LAN in {a.wait:g} s.")
-    for h in hints:
-        state = "verified" if h.verified else "NOT verified (impostor, or not answering)"
-        known = f"  [contact: {names[h.node_id]}]" if h.node_id in names else ""
-        print(f"{shown(h.name)[:24]:24}  {h.node_id}  {h.url:26}  {state}{known}")
+    for h in d["peers"]:
+        state = "verified" if h["verified"] else "NOT verified (impostor, or not answering)"
+        known = f"  [contact: {d['names'][h['node_id']]}]" if h["node_id"] in d["names"] else ""
+        print(f"{shown(h['name'])[:24]:24}  {h['node_id']}  {h['url']:26}  {state}{known}")
     return 0
 
 
+cmd_peers = _command("peers", _plain(lambda a: {"wait": a.wait}), _show_peers)
+
+
 async def cmd_keys_rotate(a) -> int:
-    secret = passphrase()
+    from ..node import Node
+    secret = _passphrase()
     async with Node.open(a.data, passphrase=secret) as node:
         desc, told = await node.rotate_keys(secret)
         how = ("the running node uses it now and tells your contacts" if told < 0
@@ -253,61 +251,84 @@ async def cmd_keys_rotate(a) -> int:
 
 
 async def cmd_keys_revoke(a) -> int:
+    from ..node import Node, UsageError
     if not a.yes:
         raise UsageError("revoking is final: this node ID will never be usable again. Add --yes to confirm")
-    async with Node.open(a.data, passphrase=passphrase()) as node:
+    async with Node.open(a.data, passphrase=_passphrase()) as node:
         desc = await node.revoke_keys()
         print(f"Keys of {node.node_id} revoked (descriptor seq {desc.seq}). Contacts and bootstraps that receive "
               "it refuse this node from now on; set up a new node and share its ID.")
     return 0
 
 
-async def cmd_contact_list(a) -> int:
-    async with Node.open(a.data, passphrase=passphrase()) as node:
-        rows = await node.contacts()
-        if not rows:
-            print("No contacts yet: 'cabinet contact add' adds one.")
-        for c in rows:
-            d = Descriptor.from_wire(c["descriptor"])
-            state = contact_state(c)
-            print(f"{shown(c['name']):24}  {c['node_id']}  {shown(d.specialty or '-')}, {shown(d.city or '-')}  {state}")
+def _show_contact_list(a, rows: list) -> int:
+    if not rows:
+        print("No contacts yet: 'cabinet contact add' adds one.")
+    for c in rows:
+        print(f"{shown(c['name']):24}  {c['node_id']}  {shown(c['specialty'] or '-')}, {shown(c['city'] or '-')}  "
+              f"{c['state']}")
+    return 0
+
+
+cmd_contact_list = _command("contact_list", _plain(lambda a: {}), _show_contact_list)
+
+
+def contact_verify_flow(a, code: dict, mark) -> int:
+    """Show the safety code (and the QR code), ask, then `mark()` the contact verified."""
+    import segno
+    c = code["contact"]
+    qr = segno.make(code["descriptor"], error="m")
+    if a.png:
+        qr.save(a.png, scale=6, border=4)
+        print(f"QR code of this node's descriptor written to {a.png}")
+    elif sys.stdout.isatty() or a.qr:
+        # The whole descriptor makes a QR code too wide for a terminal; the node ID fits in 37
+        # columns and is all 'cabinet contact add' needs (the PNG holds the whole descriptor).
+        print("This node's ID, for your colleague to scan ('cabinet contact add ID'):")
+        segno.make(code["node_id"], error="m").terminal(compact=True, border=2)
+    print(f"Safety code with {shown(c['name'])} ({c['node_id']}):\n\n    {code['code']}\n")
+    print("Compare it with the code on your colleague's screen (by phone or in person).")
+    if not a.yes:
+        if not sys.stdin.isatty():
+            raise cc.Failed("confirm with --yes once the codes match (no terminal to ask)", 2)
+        if input("Do the codes match? [y/N] ").strip().lower() not in ("y", "yes", "o", "oui"):
+            print("Not marked verified.")
+            return 1
+    mark()
+    print(f"{shown(c['name'])} is now verified.")
     return 0
 
 
 async def cmd_contact_verify(a) -> int:
-    async with Node.open(a.data, passphrase=passphrase()) as node:
-        c, code = await node.safety_code(a.name)
-        qr = segno.make(node.descriptor.to_text(), error="m")
-        if a.png:
-            qr.save(a.png, scale=6, border=4)
-            print(f"QR code of this node's descriptor written to {a.png}")
-        elif sys.stdout.isatty() or a.qr:
-            # The whole descriptor makes a QR code too wide for a terminal; the node ID fits in 37
-            # columns and is all 'cabinet contact add' needs (the PNG holds the whole descriptor).
-            print("This node's ID, for your colleague to scan ('cabinet contact add ID'):")
-            segno.make(node.node_id, error="m").terminal(compact=True, border=2)
-        print(f"Safety code with {shown(c['name'])} ({c['node_id']}):\n\n    {code}\n")
-        print("Compare it with the code on your colleague's screen (by phone or in person).")
-        if not a.yes:
-            if not sys.stdin.isatty():
-                raise UsageError("confirm with --yes once the codes match (no terminal to ask)")
-            if input("Do the codes match? [y/N] ").strip().lower() not in ("y", "yes", "o", "oui"):
-                print("Not marked verified.")
-                return 1
-        await node.verify_contact(a.name)
-        print(f"{shown(c['name'])} is now verified.")
-    return 0
+    from . import control_commands as cmds
+    from ..node import Node, UsageError
+    async with Node.open(a.data, passphrase=_passphrase()) as node:
+        code = cmds.jsonable(await cmds.COMMANDS["contact_code"](cmds.Call(node, {"name": a.name}, local=True)))
+        marks: list[bool] = []
+        try:
+            result = contact_verify_flow(a, code, lambda: marks.append(True))
+        except cc.Failed as exc:
+            raise UsageError(str(exc)) from None
+        if marks:
+            await node.verify_contact(a.name)
+        return result
 
 
-async def _delivery_report(node: Node, result) -> None:
+def _remote_contact_verify(a) -> int:
+    code = cc.ask(a.data, "contact_code", {"name": a.name})
+    return contact_verify_flow(a, code, lambda: cc.ask(a.data, "contact_verify", {"name": a.name}))
+
+
+async def _delivery_report(node, result) -> None:
     names = {c["node_id"]: c["name"] for c in await node.contacts()}
-    for rcpt, state in result.deliveries.items():
-        extra = f" ({result.errors[rcpt]})" if rcpt in result.errors else ""
-        print(f"  to {shown(names.get(rcpt, rcpt))} ({rcpt}): {shown(state)}{shown(extra)}")
+    print_delivery({"deliveries": result.deliveries, "errors": result.errors, "names": names})
 
 
 async def cmd_send(a) -> int:
-    async with Node.open(a.data, passphrase=passphrase()) as node:
+    from . import sending
+    from ..node import Node, RecordStored, now_ms
+    import asyncio
+    async with Node.open(a.data, passphrase=_passphrase()) as node:
         data = Path(a.data_file).read_text("utf-8") if a.data_file else ""
         letter = Path(a.letter)
         if not a.again:
@@ -336,7 +357,8 @@ async def cmd_send(a) -> int:
 
 
 async def cmd_reply(a) -> int:
-    async with Node.open(a.data, passphrase=passphrase()) as node:
+    from ..node import Node
+    async with Node.open(a.data, passphrase=_passphrase()) as node:
         result = await node.reply(a.id, letter=Path(a.letter), attachments=a.attachments, subject=a.subject,
                                   deliver=not a.no_deliver)
         print(f"Reply {result.record_id}")
@@ -366,95 +388,102 @@ def delivery_state(d: dict, now_ms: int) -> str:
     return text
 
 
-_TRUSTED = {contact_state({"revoked": 0, "held": 0, "verified": v}) for v in (0, 1)}   # deliverable states
-
-
-async def cmd_outbox(a) -> int:
-    async with Node.open(a.data, passphrase=passphrase()) as node:
-        rows = await node.outbox(a.id)
-        lost = [] if a.id else await node.sent_after_backup()
-        if not rows and not lost:
-            print("Outbox: nothing sent yet")
-        now = int(time.time() * 1000)
-        contacts = await node.contacts()
-        states = {c["node_id"]: contact_state(c) for c in contacts}
-        for d in rows:
-            name = d["recipient_name"] or d["recipient"]
-            line = delivery_state(d, now)
-            state = states.get(d["recipient"], "")
-            if d["state"] != "delivered" and state and state not in _TRUSTED and state not in line:
-                line += f"  [contact {state}]"
-            print(f"{d['record_id'][:10]}  {when(d['created'])}  to {shown(name)[:24]:24}  {shown(line)}")
-        names = {c["node_id"]: c["name"] for c in contacts}
-        for g in lost:            # after a restore: what the lost box sent, as the colleagues' acks tell
-            print(f"sent after the last backup: not in this copy ({g['count']} record{'s' * (g['count'] != 1)} "
-                  f"to {shown(names.get(g['recipient'], g['recipient']))}, backup of {when(g['backup_at'])})")
+def _show_outbox(a, data: dict) -> int:
+    rows, lost, states, names = data["rows"], data["lost"], data["states"], data["names"]
+    trusted = set(data["trusted"])           # deliverable contact states
+    if not rows and not lost:
+        print("Outbox: nothing sent yet")
+    now = int(time.time() * 1000)
+    for d in rows:
+        name = d["recipient_name"] or d["recipient"]
+        line = delivery_state(d, now)
+        state = states.get(d["recipient"], "")
+        if d["state"] != "delivered" and state and state not in trusted and state not in line:
+            line += f"  [contact {state}]"
+        print(f"{d['record_id'][:10]}  {when(d['created'])}  to {shown(name)[:24]:24}  {shown(line)}")
+    for g in lost:            # after a restore: what the lost box sent, as the colleagues' acks tell
+        print(f"sent after the last backup: not in this copy ({g['count']} record{'s' * (g['count'] != 1)} "
+              f"to {shown(names.get(g['recipient'], g['recipient']))}, backup of {when(g['backup_at'])})")
     return 0
 
 
-async def cmd_inbox(a) -> int:
-    async with Node.open(a.data, passphrase=passphrase()) as node:
-        rows = await node.list_records(None if a.all else "in", patient=a.patient, born=a.born or "")
-        print_summaries(rows, "Inbox")
+cmd_outbox = _command("outbox", _plain(lambda a: {"id": a.id}), _show_outbox)
+
+
+def _show_inbox(a, rows: list) -> int:
+    print_summaries([_ns(r) for r in rows], "Inbox")
     return 0
 
 
-async def cmd_show(a) -> int:
-    async with Node.open(a.data, passphrase=passphrase()) as node:
-        view = await node.read(a.id)
-        s, m = view.summary, view.manifest
-        print(f"Record   {s.id}  ({s.kind}, {'received' if s.direction == 'in' else 'sent'})")
-        print(f"From     {shown(s.sender_name)} ({s.sender})")
-        print(f"Date     {when(s.created)}")
-        if view.provenance is not None:
-            print(f"Origin   {shown(view.provenance.describe(when))}")
-        print(f"Patient  {shown(m.patient)}" + (f", born {shown(m.born)}" if m.born else ""))
-        print(f"Subject  {shown(m.subject)}")
-        if s.reply_to:
-            print(f"Reply to {s.reply_to}")
-        for name, n in s.attachments:
-            print(f"Attached {shown(name)} ({size(n)})")
-        print()
-        print(shown(m.letter, lines=True))
-        if m.data:
-            print("\nStructured data:\n" + shown(m.data, lines=True))
-        thread = await node.thread(s.id)
-        if len(thread) > 1:
-            print("\nThread:")
-            for t in thread:
-                print(f"  {t.id[:10]}  {when(t.created)}  {t.kind:8}  {shown(t.sender_name):20}  {shown(t.subject)}")
+cmd_inbox = _command("inbox", _plain(lambda a: {"patient": a.patient, "born": a.born, "all": a.all}), _show_inbox)
+
+
+def _show_record(a, d: dict) -> int:
+    s = _ns(d["summary"])
+    print(f"Record   {s.id}  ({s.kind}, {'received' if s.direction == 'in' else 'sent'})")
+    print(f"From     {shown(s.sender_name)} ({s.sender})")
+    print(f"Date     {when(s.created)}")
+    if d["provenance"] is not None:
+        print(f"Origin   {shown(d['provenance'])}")
+    print(f"Patient  {shown(d['patient'])}" + (f", born {shown(d['born'])}" if d["born"] else ""))
+    print(f"Subject  {shown(d['subject'])}")
+    if s.reply_to:
+        print(f"Reply to {s.reply_to}")
+    for name, n in s.attachments:
+        print(f"Attached {shown(name)} ({size(n)})")
+    print()
+    print(shown(d["letter"], lines=True))
+    if d["data"]:
+        print("\nStructured data:\n" + shown(d["data"], lines=True))
+    if len(d["thread"]) > 1:
+        print("\nThread:")
+        for t in map(_ns, d["thread"]):
+            print(f"  {t.id[:10]}  {when(t.created)}  {t.kind:8}  {shown(t.sender_name):20}  {shown(t.subject)}")
     return 0
 
 
-async def cmd_thread(a) -> int:
-    async with Node.open(a.data, passphrase=passphrase()) as node:
-        print_summaries(await node.thread(a.id), "Thread")
+cmd_show = _command("show", _plain(lambda a: {"id": a.id}), _show_record)
+
+
+def _show_thread(a, rows: list) -> int:
+    print_summaries([_ns(r) for r in rows], "Thread")
     return 0
 
 
-async def cmd_export(a) -> int:
-    async with Node.open(a.data, passphrase=passphrase()) as node:
-        written = await node.export(a.id, a.dir)
-        for p in written:
-            print(shown(p))
-        if not written:
-            print("This record has no attachments.")
+cmd_thread = _command("thread", _plain(lambda a: {"id": a.id}), _show_thread)
+
+
+def _req_export(a, remote: bool) -> tuple[dict, list]:
+    return {"id": a.id, "dir": a.dir}, ([cc.open_folder(a.dir)] if remote else [])
+
+
+def _show_export(a, names: list) -> int:
+    for name in names:
+        print(shown(Path(a.dir).expanduser() / name))
+    if not names:
+        print("This record has no attachments.")
     return 0
 
 
-async def cmd_audit_verify(a) -> int:
-    async with Node.open(a.data, passphrase=passphrase()) as node:
-        ok, bad = await node.audit_verify()
-        if not ok:
-            print(f"audit log: BROKEN at entry {bad}", file=sys.stderr)
-            return 3
-        print("audit log: intact")
+cmd_export = _command("export", _req_export, _show_export)
+
+
+def _show_audit(a, d: dict) -> int:
+    if not d["ok"]:
+        print(f"audit log: BROKEN at entry {d['bad']}", file=sys.stderr)
+        return 3
+    print("audit log: intact")
     return 0
+
+
+cmd_audit_verify = _command("audit_verify", _plain(lambda a: {}), _show_audit)
 
 
 # --- parser --------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(full: bool = True) -> argparse.ArgumentParser:
+    """The whole parser; `full=False` leaves out the commands of the other modules (cli_patient,
+    cli_accounts, cli_box), whose import loads the facade: `main` uses it for this module's commands."""
     # --data and -v work before the command (cabinet --data DIR inbox) and after it (cabinet inbox --data DIR).
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data", type=Path, default=argparse.SUPPRESS,
@@ -487,6 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="accept no connections (behind a router): push what is sent, pull what is waiting")
     sp.add_argument("--bootstrap", action="append", metavar="URL", help="add a directory server (kept in the config)")
     sp.add_argument("--no-lan", action="store_true", help="this time, neither announce nor browse on the LAN")
+    sp.add_argument("--no-port-mapping", action="store_true",
+                    help="do not ask the router to open the port (NAT-PMP / PCP)")
     sp.add_argument("--advertise", action="append", metavar="URL",
                     help="address colleagues reach this node at, e.g. with --listen 0.0.0.0:7400 (kept in the config)")
     sp.add_argument("--pull-every", type=float, default=None, metavar="SECONDS",
@@ -499,6 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--web-cert", metavar="FILE", help="TLS certificate (PEM) for the web app")
     sp.add_argument("--web-key", metavar="FILE", help="its private key (PEM)")
     sp.add_argument("--no-web", action="store_true", help="do not serve the web app and local API")
+    sp.add_argument("--locked", action="store_true",
+                    help="start locked: the passphrase is asked once, in the web app (also the default with "
+                         "no $CABINET_PASSPHRASE and no terminal)")
     sp = add("id", cmd_id, "print the node ID and the signed descriptor")
     sp.add_argument("--export", metavar="FILE", help="write the descriptor to FILE")
     sp.add_argument("--text", action="store_true", help="print the descriptor text even with --export")
@@ -574,19 +608,69 @@ def build_parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="the audit log").add_subparsers(dest="audit_command", required=True,
                                                                          metavar="ACTION")
     add("verify", cmd_audit_verify, "check the audit log's hash chain", audit)
-    cli_patient.register(sub, add, audit)
-    cli_accounts.register(sub, add)
-    cli_box.register(sub, add, keys)
+    if full:                              # these modules load the facade: only when their commands are used
+        from . import cli_accounts, cli_box, cli_health, cli_patient, cli_service
+        cli_patient.register(sub, add, audit)
+        cli_accounts.register(sub, add)
+        cli_box.register(sub, add, keys)
+        cli_service.register(sub, add)
+        cli_health.register(sub, add)
     return p
 
 
+OWN = {"init", "run", "id", "contact", "directory", "peers", "send", "reply", "outbox", "inbox", "show", "thread",
+       "export"}                   # audit and keys have subcommands elsewhere too: full parser
+
+
+def _command_word(argv: list[str]) -> str | None:
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--data":
+            skip = True
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    light = _command_word(argv) in OWN and not {"-h", "--help"} & set(argv)
+    args = build_parser(full=not light).parse_args(argv)
     args.data = (args.data or default_data_dir()).expanduser()
+    remote = cli_remote.remote_for(args.fn) if args.fn is not cmd_run else None
+    if remote is not None and os.environ.get("CABINET_NO_SOCKET") != "1":
+        try:
+            return remote(args)
+        except cc.NoNode:
+            pass                                  # no node running: open the folder here, as always
+        except cc.Failed as err:
+            print(f"cabinet: {shown(err)}", file=sys.stderr)
+            return err.exit_code
+        except KeyboardInterrupt:
+            if not getattr(args, "interrupt_reported", False):
+                print("cabinet: interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+    return _main_here(args)
+
+
+def _main_here(args) -> int:
+    """The command run in this process, the folder opened here (the passphrase asked, the key derived)."""
+    import asyncio
+    import logging
+    from ..node import CabinetError, setup_logging
+    log = logging.getLogger("cabinet.cli")
     try:
         setup_logging(args.data, args.verbose or args.fn is cmd_run)
         return asyncio.run(args.fn(args))
     except CabinetError as err:
+        print(f"cabinet: {shown(err)}", file=sys.stderr)
+        return err.exit_code
+    except cc.Failed as err:
         print(f"cabinet: {shown(err)}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
@@ -604,6 +688,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cabinet: internal error ({err.__class__.__name__}); details in {args.data / 'node.log'}",
               file=sys.stderr)
         return 70
+
+
+cli_remote.REMOTE["cmd_contact_verify"] = _remote_contact_verify
 
 
 if __name__ == "__main__":

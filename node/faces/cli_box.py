@@ -42,10 +42,19 @@ async def cmd_backup(a) -> int:
         return 0
     secret = passphrase()
     async with Node.open(a.data, passphrase=secret) as node:
+        if a.schedule == "off":
+            node.set_backup_schedule(None, "off")
+            print("scheduled backups off ('cabinet run' makes none; this command still does)")
+            return 0
         part = int(a.part_mib * (1 << 20)) if a.part_mib else None
         r = await node.backup(a.dest, secret, part_max=part)
+        if a.schedule:
+            node.set_backup_schedule(a.dest, a.schedule)
     print(f"backup written to {a.dest}: {r.files} files ({r.bytes} bytes), database in {r.db_parts} part(s), "
           f"{r.blobs_copied} new record bodies copied, {r.blobs_kept} already there")
+    if a.schedule:
+        print(f"'cabinet run' now backs up to {a.dest} {a.schedule} (a failure is logged and retried hourly); "
+              "a running node takes this within the hour")
     if r.recovery_code:
         print(f"Recovery code: {r.recovery_code}; keep it on paper, away from the box. With it a backup "
               "restores even without the passphrase. It is shown only this once.")
@@ -90,6 +99,8 @@ def register(sub, add, keys=None) -> None:
     sp.add_argument("--check", action="store_true", help="verify the backup in DEST instead of writing one")
     sp.add_argument("--recovery-code", action="store_true",
                     help="with --check: open it with the recovery code ($CABINET_RECOVERY_CODE or a prompt)")
+    sp.add_argument("--schedule", choices=("daily", "weekly", "off"),
+                    help="also keep DEST as where 'cabinet run' backs up, daily or weekly (off: stop)")
     sp.add_argument("--part-mib", type=float, default=None, help=argparse.SUPPRESS)
     sp = add("restore", cmd_restore, "rebuild a node from a backup into --data DIR (which must not hold a node)")
     sp.add_argument("src", help="the backup folder")

@@ -61,6 +61,7 @@ def map_exceptions(address: str):
 class Client:
     def __init__(self, identity: Identity) -> None:
         self.identity = identity
+        self.on_attempt: Callable[[str, str, bool], None] | None = None    # (node ID, address, answered)
         self._session: aiohttp.ClientSession | None = None
         self._pins: dict[bytes, tls.IdentityPin] = {}
 
@@ -118,15 +119,26 @@ class Client:
         last: TransportError | None = None
         for address in peer.addresses:
             try:
-                return await attempt(address)
+                answer = await attempt(address)
             except (PeerUnreachable, PeerTimeout, AuthenticationFailed) as exc:
+                self._observed(peer, address, False)
                 last = exc                      # an impostor or a dead address: try the next one
+                continue
             except PeerRefused as exc:
                 if exc.signed:
+                    self._observed(peer, address, True)
                     raise                       # the peer itself said no: that is the answer
                 last = exc
+                continue
+            self._observed(peer, address, True)
+            return answer
         assert last is not None
         raise last
+
+    def _observed(self, peer: Peer, address: str, ok: bool) -> None:
+        """Tell whoever measures reachability (app/reachability.py) which address answered."""
+        if self.on_attempt is not None:
+            self.on_attempt(peer.node_id, address, ok)
 
     async def call(self, peer: Peer, method: str, target: str, body: bytes = b"") -> dict:
         """A small signed request with a signed msgpack answer; non-200 is PeerRefused."""

@@ -130,28 +130,52 @@ def _check_ips(addresses: Iterable[str]) -> list[str]:
     return out
 
 
-def interface_addresses(interfaces: Sequence[str] | None) -> list[str]:
-    """IPv4 addresses to bind to: each item an IPv4 address or an interface name; None = every LAN interface.
+Bind = list  # of str (an IPv4 address) and int (an IPv6 interface index, as zeroconf joins ff02::fb per interface)
+
+
+def _usable_v6(ip: ipaddress.IPv6Address) -> bool:
+    """An IPv6 address worth announcing: not loopback, link-local (no zone in a URL) or multicast."""
+    return not (ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified)
+
+
+def interface_addresses(interfaces: Sequence[str] | None, ipv6: bool = True) -> tuple[Bind, list[str]]:
+    """(what to bind mDNS to, the addresses to announce) for interface names or addresses (None = every
+    non-loopback interface): IPv4 addresses, and with `ipv6` each interface with an IPv6 address by index
+    (link-local is enough to browse) and its global or unique-local IPv6 addresses to announce.
 
     Blocking (getifaddrs): call it through asyncio.to_thread.
     """
-    adapters = ifaddr.get_adapters()
-    by_name: dict[str, list[str]] = {}
+    adapters = [ad for ad in ifaddr.get_adapters()]
+    wanted_names = set(interfaces or ())
+    bind: Bind = []
+    announce: list[str] = []
     for ad in adapters:
         v4 = [ip.ip for ip in ad.ips if isinstance(ip.ip, str)]
-        by_name.setdefault(ad.name, []).extend(v4)
-        if ad.nice_name != ad.name:
-            by_name.setdefault(ad.nice_name, []).extend(v4)
-    if interfaces is None:
-        found = [a for ips in by_name.values() for a in ips if not ipaddress.ip_address(a).is_loopback]
-    else:
-        found = []
-        for item in interfaces:
-            try:
-                found.append(str(ipaddress.IPv4Address(item)))
-            except ValueError:
-                found.extend(by_name.get(item, []))
-    return list(dict.fromkeys(found))
+        v6 = [ipaddress.IPv6Address(ip.ip[0].split("%")[0]) for ip in ad.ips if not isinstance(ip.ip, str)]
+        if interfaces is None:
+            if any(ipaddress.ip_address(a).is_loopback for a in v4) or any(a.is_loopback for a in v6):
+                continue
+            take_v4, take_v6 = v4, v6
+        elif ad.name in wanted_names or ad.nice_name in wanted_names:
+            take_v4, take_v6 = v4, v6
+        else:                               # addresses named one by one
+            take_v4 = [a for a in v4 if a in wanted_names]
+            take_v6 = [a for a in v6 if str(a) in wanted_names or a.compressed in wanted_names]
+        bind.extend(take_v4)
+        announce.extend(take_v4)
+        if ipv6 and take_v6 and ad.index is not None:
+            bind.append(ad.index)
+            announce.extend(str(a) for a in take_v6 if _usable_v6(a))
+    return list(dict.fromkeys(bind)), list(dict.fromkeys(announce))
+
+
+def ip_version_of(bind: Bind) -> IPVersion:
+    v4, v6 = any(isinstance(b, str) for b in bind), any(isinstance(b, int) for b in bind)
+    return IPVersion.All if v4 and v6 else (IPVersion.V6Only if v6 else IPVersion.V4Only)
+
+
+def _show(bind: Bind) -> str:
+    return ", ".join(b if isinstance(b, str) else f"IPv6 on interface {b}" for b in bind)
 
 
 def _where(info: AsyncServiceInfo) -> tuple:
@@ -169,15 +193,17 @@ class Lan:
         await lan.update(port=7401)                           # re-announce (moves are also noticed alone)
         await lan.stop()
 
-    `interfaces`: interface names or IPv4 addresses to bind to (default: every
+    `interfaces`: interface names or IP addresses to bind to (default: every
     non-loopback interface). Every `watch` seconds the interfaces' addresses
     are compared with the bound ones; a change (the box was renumbered)
     re-announces at once. None disables the watch.
     """
 
     def __init__(self, *, interfaces: Sequence[str] | None = None, on_hint: HintCallback | None = None,
-                 watch: float | None = WATCH_EVERY, clock: Callable[[], int] = now_ms, tls: bool = True) -> None:
+                 watch: float | None = WATCH_EVERY, clock: Callable[[], int] = now_ms, tls: bool = True,
+                 ipv6: bool = True) -> None:
         self.interfaces = list(interfaces) if interfaces is not None else None
+        self.ipv6 = ipv6                        # announce and browse over IPv6 too (ff02::fb), where there is any
         self.tls = tls                          # what the announced server speaks (a node: always TLS)
         self.watch = watch
         self.callbacks: list[HintCallback] = [on_hint] if on_hint else []
@@ -185,7 +211,8 @@ class Lan:
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._info: AsyncServiceInfo | None = None
-        self._bound: list[str] = []
+        self._bound: Bind = []
+        self._found: list[str] = []              # the interfaces' addresses to announce (IPv4, global/ULA IPv6)
         self._node_id = ""
         self._name = ""
         self._port: int | None = None
@@ -230,23 +257,23 @@ class Lan:
             self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="cabinet-mdns-watch")
 
     async def _open(self) -> None:
-        bind = await asyncio.to_thread(interface_addresses, self.interfaces)
+        bind, found = await asyncio.to_thread(interface_addresses, self.interfaces, self.ipv6)
         if not bind:
-            log.warning("no LAN interface with an IPv4 address%s: LAN discovery is off",
+            log.warning("no LAN interface with an IP address%s: LAN discovery is off",
                         f" among {', '.join(self.interfaces)}" if self.interfaces else "")
             return
         try:
-            self._zc = AsyncZeroconf(interfaces=bind, ip_version=IPVersion.V4Only)
+            self._zc = AsyncZeroconf(interfaces=bind, ip_version=ip_version_of(bind))
         except OSError as exc:
             log.warning("cannot open the mDNS sockets (%s): LAN discovery is off", exc.strerror or exc)
             return
-        self._bound = bind
+        self._bound, self._found = bind, found
         self._browser = AsyncServiceBrowser(self._zc.zeroconf, SERVICE, handlers=[self._on_change])
-        if self._port:
-            self._info = self._service_info(self._node_id, bind)
+        if self._port and (self._addresses or found):
+            self._info = self._service_info(self._node_id, found)
             # allow_name_change: someone squatting on our instance name cannot keep us off the LAN.
             await self._zc.async_register_service(self._info, allow_name_change=True)
-        log.info("LAN discovery on %s%s", ", ".join(bind),
+        log.info("LAN discovery on %s%s", _show(bind),
                  f", announcing port {self._port}" if self._port else " (browsing only)")
 
     async def update(self, *, port: int | None = None, addresses: list[str] | None = None,
@@ -265,16 +292,16 @@ class Lan:
         if self._zc is None:
             await self._open()
             return
-        bind = await asyncio.to_thread(interface_addresses, self.interfaces)
+        bind, found = await asyncio.to_thread(interface_addresses, self.interfaces, self.ipv6)
         if not bind:
-            log.warning("LAN interfaces have no IPv4 address any more: announcement withdrawn")
+            log.warning("LAN interfaces have no IP address any more: announcement withdrawn")
             await self._withdraw()
-            self._bound = []
+            self._bound, self._found = [], []
             return
         if bind != self._bound:
-            await self._zc.async_update_interfaces(bind)
-            self._bound = bind
-        new = self._service_info(self._node_id, bind) if self._port else None
+            await self._zc.async_update_interfaces(bind, ip_version_of(bind))
+        self._bound, self._found = bind, found
+        new = self._service_info(self._node_id, found) if self._port and (self._addresses or found) else None
         if self._info is not None and (new is None or _where(new) != _where(self._info)):
             # Goodbye first (TTL 0 expires the old address at every peer within a second,
             # however recently they heard it), then announce the new place afresh.
@@ -294,9 +321,9 @@ class Lan:
             assert self.watch is not None        # the watcher only runs when watch is set
             await asyncio.sleep(self.watch)
             try:
-                bind = await asyncio.to_thread(interface_addresses, self.interfaces)
-                if bind != self._bound:
-                    log.info("LAN addresses changed (%s): re-announcing", ", ".join(bind) or "none left")
+                bind, found = await asyncio.to_thread(interface_addresses, self.interfaces, self.ipv6)
+                if (bind, found) != (self._bound, self._found):
+                    log.info("LAN addresses changed (%s): re-announcing", ", ".join(found) or "none left")
                     async with self._lock:
                         await self._update()
             except (OSError, CabinetError, NotRunningException) as exc:
@@ -324,9 +351,9 @@ class Lan:
             await (await self._zc.async_unregister_service(self._info))     # the goodbyes are sent
         self._info = None
 
-    def _service_info(self, instance_or_name: str, bind: list[str]) -> AsyncServiceInfo:
+    def _service_info(self, instance_or_name: str, found: list[str]) -> AsyncServiceInfo:
         name = instance_or_name if instance_or_name.endswith(SERVICE) else f"{instance_or_name}.{SERVICE}"
-        addresses = self._addresses if self._addresses is not None else bind
+        addresses = self._addresses if self._addresses is not None else found
         return AsyncServiceInfo(SERVICE, name, port=self._port, properties=txt_record(self._node_id, self._name, self.tls),
                                 server=self._host, parsed_addresses=addresses)
 

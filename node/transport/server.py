@@ -28,6 +28,7 @@ A node serves TLS 1.3 only, with a certificate bound to its identity key
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import re
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ PER_CALLER_BYTES = 20 << 20         # small-body bytes held in memory for one co
 TOTAL_BYTES = 64 << 20              # ... and for all together
 SUMMARY_PERIOD = 60.0               # seconds between refusal summaries
 MSGPACK = "application/msgpack"
+NO_IPV6 = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT)     # a kernel without IPv6
 _RECORD_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -377,8 +379,15 @@ def make_app(handler: Handler, routes: Sequence[Callable[[web.Application], None
     return app
 
 
+def bind_hosts(host: str) -> list[str]:
+    """Where to bind for a listen host: every interface means IPv4 and IPv6 both (dual stack, two
+    sockets on one port); a named address (127.0.0.1, ::1, 192.168.1.20) means that one only."""
+    return ["0.0.0.0", "::"] if host in ("0.0.0.0", "::", "") else [host]
+
+
 class Server:
     """Runs the app on host:port; port 0 picks a free port (see .port after start).
+    A wildcard host (0.0.0.0, ::) listens on IPv4 and IPv6 both.
 
     Connections go through a door.ConnectionGate (per source address and in total, within
     the open-file limit raised at start); idle ones and incomplete headers time out.
@@ -390,7 +399,7 @@ class Server:
         self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
         self.host, self.port, self._per_source = host, port, per_source
         self.tls = tls
-        self._listener: asyncio.AbstractServer | None = None
+        self._listeners: list[asyncio.Server] = []
         self._tasks: list[asyncio.Task] = []
 
     @property
@@ -416,15 +425,27 @@ class Server:
             return door.GatedHandler(manager, gate=gate, loop=loop, keepalive_timeout=KEEPALIVE_TIMEOUT,
                                      lingering_time=1.0, access_log=None, logger=http_log, max_headers=64)
         context = self.tls.context if self.tls is not None else None
-        try:
-            self._listener = await loop.create_server(
-                connection, self.host, self.port, reuse_address=True, backlog=512, ssl=context,
+
+        async def listen(host: str, port: int) -> asyncio.Server:
+            return await loop.create_server(
+                connection, host, port, reuse_address=True, backlog=512, ssl=context,
                 ssl_handshake_timeout=_tls.HANDSHAKE_TIMEOUT if context is not None else None)
+        first, *more = bind_hosts(self.host)
+        try:
+            self._listeners = [await listen(first, self.port)]
         except OSError as exc:
             await self._runner.cleanup()
             raise UsageError(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
-        if self._listener.sockets:
-            self.port = self._listener.sockets[0].getsockname()[1]
+        if self._listeners[0].sockets:
+            self.port = self._listeners[0].sockets[0].getsockname()[1]
+        for host in more:                   # the same port on IPv6 (asyncio sets IPV6_V6ONLY on it)
+            try:
+                self._listeners.append(await listen(host, self.port))
+            except OSError as exc:
+                if exc.errno not in NO_IPV6:
+                    await self.stop()
+                    raise UsageError(f"cannot listen on [{host}]:{self.port}: {exc.strerror or exc}") from None
+                log.info("no IPv6 on this machine (%s): listening on IPv4 only", exc.strerror or exc)
         self._tasks = [asyncio.create_task(self._summarise(refusals))]
         if self.tls is not None:
             self._tasks.append(asyncio.create_task(self._renew(self.tls)))
@@ -445,8 +466,8 @@ class Server:
         for task in self._tasks:
             task.cancel()
         self._tasks = []
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        for listener in self._listeners:
+            listener.close()
+        self._listeners = []
         await self._runner.cleanup()
         self._app[REFUSALS].flush()

@@ -26,7 +26,7 @@ from aiohttp import web
 
 from ...node import (AlreadyExists, AuthenticationFailed, CabinetError, Node, NotFound, StoreError, TooLarge,
                      TooManyAttempts, UsageError)
-from . import api, auth, pages
+from . import api, auth, metrics, pages
 from .keys import ALLOWED_HOSTS, CLOSING, NODE, ROUTE_SPECS, TLS_ON
 
 log = logging.getLogger("cabinet.web")
@@ -119,6 +119,7 @@ def make_app(node: Node, *, tls: bool = False) -> web.Application:
         specs[(spec.method, route.resource.canonical)] = spec
     app[ROUTE_SPECS] = specs
     pages.mount(app)                     # the web pages and /static/ (pages.py), beside the API
+    metrics.mount(app)                   # GET /metrics (token scope admin): docs/operations.md
     app.on_response_prepare.append(_headers)
     app.on_shutdown.append(_closing)
     return app
