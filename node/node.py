@@ -195,7 +195,8 @@ class Node:
                 self.config.listen = listen
                 await asyncio.to_thread(self.config.save, self.folder)
             if self.own.addresses_changed() and not self.own.current.revoked:
-                await self._descriptor_changed()      # peers replace older descriptors by sequence number
+                # Peers replace older descriptors by sequence number; a moved box tells its contacts.
+                await self._descriptor_changed(tell_contacts=True)
             await self._start_port_mapping(host, bound)     # IPv6 addresses now, the router's port soon
         await self._audit("node-started", detail=None if accept else "not listening")
         await self.discovery.start_lan(host, bound or None)
@@ -253,9 +254,9 @@ class Node:
     def peer(self, contact: dict) -> Peer:
         return self.discovery.locate(contact)
 
-    async def _descriptor_changed(self, revoked: bool = False) -> None:
+    async def _descriptor_changed(self, revoked: bool = False, *, tell_contacts: bool = False) -> None:
         await asyncio.to_thread(self.own.changed, revoked)
-        await self.discovery.descriptor_changed()
+        await self.discovery.descriptor_changed(tell_contacts=tell_contacts)
 
     async def add_contact(self, source: str | bytes, *, name: str | None = None,
                           expect_id: str | None = None) -> tuple[dict, str]:
@@ -496,6 +497,82 @@ class Node:
         """The audit chain's head signed by this practice, as the text `cabinet audit head` prints."""
         raw = await self.patients.signed_head()
         return "cabinet-audit-head:" + base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+    async def inbox_page(self, offset: int = 0, limit: int = 100) -> tuple[list[Summary], int, int]:
+        """One page of the inbox, unread first then newest: (summaries, how many in all, how many unread).
+        Only the page's summaries are decrypted, so a page costs the same at 100 or 10,000 records."""
+        def page(db) -> tuple[list[dict], int, int]:
+            conn = db.conn
+            total, unread = conn.execute("SELECT COUNT(*), COUNT(*) - COUNT(opened) FROM records "
+                                         "WHERE direction = 'in'").fetchone()
+            # sort narrow columns first: sorting whole rows would carry every small record's body along
+            ids = [r[0] for r in conn.execute(
+                "SELECT rowid FROM records WHERE direction = 'in' ORDER BY opened IS NOT NULL, created DESC, id "
+                "LIMIT ? OFFSET ?", (max(1, int(limit)), max(0, int(offset))))]
+            by_id = {r["rowid"]: r for r in db.query(
+                f"SELECT rowid, * FROM records WHERE rowid IN ({','.join('?' * len(ids))})", ids)} if ids else {}
+            return [by_id[i] for i in ids], total, unread
+        rows, total, unread = await self.store.call(page)
+        names = await self.contacts_service.names()
+        return [self.records._summary(r, names) for r in rows], total, unread
+
+    async def unread_count(self) -> int:
+        return await self.store.call(lambda db: db.conn.execute(
+            "SELECT COUNT(*) FROM records WHERE direction = 'in' AND opened IS NULL").fetchone()[0])
+
+    # patients, from the web app: the service writes its own (sealed) entry, and each action also
+    # names the account that acted (never the patient's reference: that stays sealed in the service's)
+
+    async def patients_list(self) -> list[dict]:
+        """The enrolled patients: reference, key ID, enrolled, updated (references opened with the vault)."""
+        await self.patients._now(None)                 # the patient tables exist
+        vault = self.patients.vault
+        rows = await self.store.call(lambda db: list(db.query(
+            "SELECT ref, key_id, enrolled, updated FROM patient_keys ORDER BY enrolled DESC")))
+        return [{"patient_ref": vault.open(r["ref"])["ref"], "key_id": r["key_id"], "enrolled": r["enrolled"],
+                 "updated": r["updated"]} for r in rows]
+
+    async def enroll_as(self, who: Principal, patient_ref: str | None = None, *, replace: bool = False) -> Card:
+        card = await self.patients.enroll(patient_ref or None, replace=replace)
+        await self.accounts.audit(who, "patient-enrolled-by", key=card.key_id)
+        return card
+
+    async def link_as(self, who: Principal, ref: str, patient_ref: str, category: str | None = None) -> str:
+        record_id = await self.patients.link(ref, patient_ref, category or None)
+        await self.accounts.audit(who, "patient-linked-by", record=record_id)
+        return record_id
+
+    async def patient_view(self, who: Principal, patient_ref: str) -> dict:
+        """What the practice sees of one patient: their records, the grants used (and revoked), and the
+        signed access history, opened (giving it out is itself logged, as `history-given`)."""
+        from .core.audit_docs import open_signed
+        from .store import patients as sp
+        vault = self.patients.vault
+        await self.patients._now(None)
+        patient = await self.store.call(sp.patient, vault, patient_ref)
+        linked = await self.store.call(sp.records_of, vault, patient_ref)
+        grants = await self.store.call(sp.grants_of, vault, patient_ref)
+        history = open_signed(await self.patients.history(patient_ref), practice=self.node_id)
+        await self.accounts.audit(who, "history-viewed-by", key=patient["key_id"])
+        return {"patient": patient, "records": linked, "grants": grants, "history": history}
+
+    async def break_glass_as(self, who: Principal, contact: str, allowed: bool) -> None:
+        """Allow (or stop allowing) emergency requests without a grant from one contact, or any ("*")."""
+        await self.patients.allow_break_glass(contact, allowed)
+        await self.accounts.audit(who, "break-glass-allowed-by" if allowed else "break-glass-denied-by",
+                                  peer=None if contact in ("*", "any") else (await self.contact(contact))["node_id"])
+
+    async def status_report(self) -> dict:
+        """Everything the web app's status page shows: status(), the audit chain, reachability (router
+        door, relays), bootstraps, LAN peers (when this node runs its LAN), open alerts."""
+        ok, bad = await self.audit_verify()
+        lan = ([dict(node_id=h.node_id, name=h.name, url=h.url, verified=h.verified, last_seen=h.last_seen)
+                for h in await self.lan_peers(0)] if self.discovery.lan is not None else None)
+        relays = [dict(url=r.url, registered=r.registered, sessions=r.sessions, last_error=r.last_error)
+                  for r in self.reachability.status()]
+        return dict(await self.status(), audit_ok=ok, audit_bad=bad, port_mapping=self.port_mapping_status(),
+                    relays=relays, bootstraps=list(self.config.bootstraps), lan=lan,
+                    alerts=await self.alerts())
 
     # --- backup and restore ---
     # node/app/backup.py does the work (blocking, in a worker thread); docs/backup.md.

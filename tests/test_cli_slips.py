@@ -219,11 +219,10 @@ def test_a_replaced_contact_is_named_replaced_everywhere(practice, files):
     old_line = next(l for l in listing.splitlines() if cardio.node_id in l)
     assert old_line.rstrip().endswith("replaced by a new key (confirmed)")
     letter, _ = files
-    out = gp.ok(*send_args(letter, to=cardio.node_id))
-    assert "replaced by a new key (confirmed): nothing more is sent to the old key" in out
-    assert "revoked" not in out
-    box = gp.ok("outbox")
-    assert "replaced by a new key (confirmed)" in box and "revoked" not in box
+    refused = gp.cli(*send_args(letter, to=cardio.node_id))          # the old key: refused at once
+    assert refused.returncode != 0 and "replaced by a new key (confirmed)" in refused.stderr
+    assert "revoked" not in refused.stderr and "Traceback" not in refused.stderr
+    assert "Outbox: nothing sent yet" in gp.ok("outbox")                # nothing was sealed or queued
 
 
 def test_a_revoked_contact_is_named_revoked_everywhere(pair, files):
@@ -232,9 +231,10 @@ def test_a_revoked_contact_is_named_revoked_everywhere(pair, files):
     wait_for(lambda: "revoked by its owner" in gp.ok("contact", "list"), 30, "the revocation to reach the GP")
     assert "trust on first use" not in next(l for l in gp.ok("contact", "list").splitlines() if cardio.node_id in l)
     letter, _ = files
-    out = gp.ok(*send_args(letter))
-    assert "revoked by its owner: nothing is sent" in out
-    assert "revoked by its owner" in gp.ok("outbox")
+    refused = gp.cli(*send_args(letter))
+    assert refused.returncode != 0 and "revoked by its owner" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert "Outbox: nothing sent yet" in gp.ok("outbox")
     desc = gp.data.parent / "revoked.descriptor"
     cardio.ok("id", "--export", str(desc))
     again = gp.cli("contact", "add", str(desc))

@@ -186,16 +186,20 @@ async def test_the_running_node_sweeps_expired_partials_at_start(tmp_path):
     await Node.init(tmp_path / "N", PASSPHRASE, name="N", listen="127.0.0.1:0")
     old = tmp_path / "N" / "incoming" / f"SOME-SENDER-{'ab' * 16}.body"
     fresh = tmp_path / "N" / "incoming" / f"SOME-SENDER-{'cd' * 16}.body"
+    sealing = tmp_path / "N" / "incoming" / f"{'ef' * 16}.sealing"      # a send interrupted while sealing
+    sealing_now = tmp_path / "N" / "incoming" / f"{'12' * 16}.sealing"  # one still being sealed
     old.parent.mkdir(mode=0o700, exist_ok=True)
-    for p in (old, fresh):
+    for p in (old, fresh, sealing, sealing_now):
         p.write_bytes(b"x" * 1000)
     week_ago = os.path.getmtime(old) - 7 * 24 * 3600
-    os.utime(old, (week_ago, week_ago))
+    for p in (old, sealing):
+        os.utime(p, (week_ago, week_ago))
     node = await Node.open_node(tmp_path / "N", passphrase=PASSPHRASE)
     try:
         assert node.intake.quota.used("SOME-SENDER") == 2000            # counted from incoming/ at start
         await node.serve("127.0.0.1:0")
-        await wait_until(lambda: not old.exists(), "the expired partial to be collected")
+        await wait_until(lambda: not old.exists() and not sealing.exists(), "the expired leftovers to be collected")
         assert fresh.exists() and node.intake.quota.used("SOME-SENDER") == 1000
+        assert sealing_now.exists()
     finally:
         await node.close()

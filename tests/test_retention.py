@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import sqlite3
+import threading
 import time
 
 import pytest
@@ -56,6 +57,27 @@ async def wait_event(sub, event: str, timeout: float) -> None:
             if isinstance(e, AuditAppended) and e.event == event:
                 return
     await asyncio.wait_for(until(), timeout)
+
+
+def run_in_process(coro_fn, timeout: float = 120):
+    """asyncio.run(coro_fn()) with a hard deadline: a node that does not stop fails the test, never hangs it."""
+    result: list = []
+    errors: list = []
+
+    def target():
+        try:
+            result.append(asyncio.run(coro_fn()))
+        except BaseException as exc:      # handed to the test below
+            errors.append(exc)
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        pytest.fail(f"the in-process node did not finish and stop within {timeout:g} s")
+    if errors:
+        raise errors[0]
+    return result[0]
 
 
 # --- pure ----------------------------------------------------------------------------
@@ -152,7 +174,7 @@ def test_the_running_node_applies_the_configured_retention_daily(pair, tmp_path)
             await wait_event(sub, "purged", 30)
             return await node.purged_on(rid)
 
-    assert asyncio.run(eleven_years_later()) is not None
+    assert run_in_process(eleven_years_later) is not None
     assert bodies(cardio, rid) == (1, 0)
     assert "audit log: intact" in cardio.ok("audit", "verify")
 
@@ -176,7 +198,7 @@ def test_cabinet_run_backs_up_when_due_without_the_passphrase(pair, tmp_path):
             await node.serve("127.0.0.1:0", accept=False)
             await wait_event(sub, "backup-made", 60)
 
-    asyncio.run(a_day_later())
+    run_in_process(a_day_later)
     made = db_rows(gp, "SELECT detail FROM audit WHERE event = 'backup-made' ORDER BY seq")
     assert len(made) == 2 and made[1][0].startswith("scheduled:")
     checked = gp.cli("backup", "--check", str(dest), "--recovery-code", env=base_env(CABINET_RECOVERY_CODE=code))
@@ -208,7 +230,7 @@ def test_a_failed_scheduled_backup_is_logged_audited_and_retried_hourly(practice
             with caplog.at_level(logging.ERROR, logger="cabinet.backup"):
                 return await node.scheduled_backups.round()
 
-    assert asyncio.run(a_week_later()) == 3600
+    assert run_in_process(a_week_later) == 3600
     assert any("scheduled backup to" in r.getMessage() and "next try in an hour" in r.getMessage()
                for r in caplog.records)
     failed = db_rows(gp, "SELECT detail FROM audit WHERE event = 'backup-failed'")

@@ -18,16 +18,20 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from typing import TYPE_CHECKING
 
 from ..core.errors import CabinetError, NotFound, UsageError
 from ..core.directory import Found
 from ..core.identity import Descriptor, normalize_node_id
-from ..transport import directory, mdns
+from ..transport import directory
 from ..transport.client import Peer
 from .contacts import Contacts, OwnDescriptor
 from .events import PeerSeen
 from .loop import Loop
 from .ports import Ports
+
+if TYPE_CHECKING:
+    from ..transport.mdns import Hint, Lan
 
 log = logging.getLogger("cabinet.discovery")
 REFRESH_EVERY = 600.0
@@ -38,8 +42,9 @@ class Discovery(Loop):
     def __init__(self, ports: Ports, contacts: Contacts, own: OwnDescriptor) -> None:
         super().__init__("cabinet-discovery", self.round)
         self.ports, self.contacts, self.own = ports, contacts, own
-        self.lan: mdns.Lan | None = None          # while LAN discovery runs
+        self.lan: Lan | None = None               # while LAN discovery runs
         self.on_contact_seen = lambda node_id: None   # the facade wakes the courier
+        self._tell_contacts = False
 
     @property
     def bootstraps(self) -> list[str]:
@@ -59,6 +64,7 @@ class Discovery(Loop):
         if not self.ports.config.lan or (ip is not None and ipaddress.ip_address(ip).is_loopback) \
                 or self.own.current.revoked:
             return
+        from ..transport import mdns          # zeroconf is loaded only when the LAN is used
         self.lan = mdns.Lan(interfaces=[ip] if ip else None, on_hint=self._on_lan_hint)
         await self.lan.start(self.ports.identity.node_id, self.ports.config.name, port,
                              addresses=[ip] if ip and port else None)
@@ -81,14 +87,17 @@ class Discovery(Loop):
             await self.contacts.learn(desc)
         self.on_contact_seen(node_id)
 
-    async def lan_peers(self, wait: float) -> list[mdns.Hint]:
+    async def lan_peers(self, wait: float) -> list[Hint]:
         """Nodes announcing themselves on the LAN (listened to for `wait` seconds when not running)."""
         if self.lan is not None:
             return self.lan.peers()
+        from ..transport import mdns
         return await mdns.browse(wait, own_id=self.ports.identity.node_id, client=self.ports.client)
 
-    async def descriptor_changed(self) -> None:
-        """Tell the LAN and wake the announce loop after our descriptor changed."""
+    async def descriptor_changed(self, *, tell_contacts: bool = False) -> None:
+        """Tell the LAN and wake the announce loop after our descriptor changed; with
+        `tell_contacts` (a new address), the loop also hands it to every contact directly."""
+        self._tell_contacts = self._tell_contacts or tell_contacts
         self.wake()
         if self.lan is not None:
             if self.own.current.revoked:
@@ -99,6 +108,9 @@ class Discovery(Loop):
     async def round(self) -> float:
         if self.bootstraps:
             await self.announce()
+        if self._tell_contacts:
+            self._tell_contacts = False
+            await self.tell_all(self.own.current)
         await self.refresh_contacts()
         return REFRESH_EVERY
 
@@ -154,6 +166,7 @@ class Discovery(Loop):
         if not self.ports.config.lan:
             return None
         # Not running (a one-shot command): listen to the LAN briefly; hints come back verified.
+        from ..transport import mdns
         hints = await mdns.browse(LAN_LISTEN, own_id=self.ports.identity.node_id, client=self.ports.client)
         for h in hints:
             if h.node_id == node_id and h.verified:

@@ -55,6 +55,7 @@ from .rows import record_row
 log = logging.getLogger("cabinet.intake")
 WRITE_BATCH = 1 << 20
 IN_FLIGHT = 3
+SEALING_STALE_MS = 3600_000           # a sealing untouched this long was interrupted
 SWEEP_EVERY = 3600.0            # seconds between sweeps of incoming/
 
 
@@ -331,6 +332,9 @@ class Intake:
                 self.quota.forget(p.sender, p.record_id)
                 log.info("record %s from %s: partial body of %d bytes expired and removed",
                          p.record_id, p.sender or "an earlier version", p.size)
+        # A body this node was sealing when its command was interrupted: never stored, never listed.
+        for leftover in await asyncio.to_thread(self.ports.blobs.stale_sealing, now - SEALING_STALE_MS):
+            log.info("an interrupted sealing left %s behind: removed", leftover.name)
         return SWEEP_EVERY
 
     async def _run(self, fn, *args):

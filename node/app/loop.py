@@ -48,7 +48,10 @@ class Loop:
             except Exception:   # a bug: log it, keep the node running, try again later
                 log.exception("%s: unexpected error", self._name)
                 delay = 30.0
+            # Not asyncio.wait_for: on Python 3.11 it can swallow a cancel that lands together with a
+            # wake, and stop() would then wait for ever (a node that never finishes shutting down).
+            waiter = asyncio.ensure_future(self._wake.wait())
             try:
-                await asyncio.wait_for(self._wake.wait(), delay)
-            except asyncio.TimeoutError:
-                pass
+                await asyncio.wait({waiter}, timeout=delay)
+            finally:
+                waiter.cancel()

@@ -34,9 +34,10 @@ from ..store import blobs as blobstore
 from ..store import records
 from ..store.audit import verify as verify_audit
 from ..sync.messages import Receipt
-from .contacts import Contacts
+from .contacts import Contacts, contact_state
 from .events import AuditAppended, RecordOpened, RecordStored
 from .ports import Ports
+from .retention import refuse_if_purged
 from .rows import place_sealed, record_row
 
 log = logging.getLogger("cabinet.records")
@@ -186,6 +187,10 @@ class Records:
         if not to:
             raise UsageError("give at least one recipient")
         contacts = [await self.contacts.get(t) for t in to]
+        for c in contacts:
+            if c["revoked"]:
+                raise UsageError(f"{c['name']}: {contact_state(c)}; nothing can be sent to this key "
+                                 "(see 'cabinet contact list')")
         if len({c["node_id"] for c in contacts}) != len(contacts):
             raise UsageError("the same colleague is named twice")
         letter_text, letter_file = await _letter_text(letter)
@@ -309,6 +314,7 @@ class Records:
         """Open a record: its letter, structured data and attachment list. Logged in the audit."""
         p = self.ports
         row = await p.store.call(records.get_record, ref)
+        await refuse_if_purged(p, row)
         head = Head.from_wire(row["head"])
         key = head.content_key(p.identity)
         manifest = await asyncio.to_thread(blobstore.read_manifest, self._source(row), head.header, key)
@@ -344,6 +350,7 @@ class Records:
         """Decrypt a record's attachments into `dest` under safe names; never overwrites."""
         p = self.ports
         row = await p.store.call(records.get_record, ref)
+        await refuse_if_purged(p, row)
         head = Head.from_wire(row["head"])
         key = head.content_key(p.identity)
         dest = Path(dest).expanduser()

@@ -28,7 +28,6 @@ from typing import Any
 
 import nacl.bindings as B
 import nacl.exceptions
-import segno
 
 from . import consent
 from .audit_docs import HISTORY_KIND, check_ref, open_signed
@@ -147,6 +146,7 @@ def write_qr(payload: str, path: Path) -> Path:
     except FileExistsError:
         raise UsageError(f"{path} already exists; not overwritten") from None
     with os.fdopen(fd, "wb") as fh:
+        import segno                  # loaded only when a QR code is drawn (it weighs ~9 MiB)
         segno.make(payload, error="m", micro=False).save(fh, kind="png", scale=5, border=4)
     return path
 

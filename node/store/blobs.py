@@ -140,6 +140,18 @@ class BlobStore:
     def incoming_path(self, record_id: str, sender: str) -> Path:
         return self.incoming / f"{sender}-{record_id}.body"
 
+    def stale_sealing(self, before_ms: int) -> list[Path]:
+        """Remove bodies this node began sealing and never finished (untouched since `before_ms`)."""
+        gone = []
+        for p in self.incoming.glob("*.sealing"):
+            try:
+                if p.stat().st_mtime * 1000 < before_ms:
+                    p.unlink()
+                    gone.append(p)
+            except FileNotFoundError:
+                continue
+        return gone
+
     def partials(self) -> list[Partial]:
         """Every body being received (incoming/<sender>-<id>.body, and <id>.body from before schema 3)."""
         out = []
