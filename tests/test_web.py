@@ -18,6 +18,8 @@ import aiohttp
 import pytest
 from playwright.async_api import async_playwright
 
+from node.node import Card, cards, consent, now_ms
+from node.faces.web import patients_pages
 from node.faces.web.pages import PAGES, PUBLIC
 from _browser import PASSWORD, UNLABELLED, close, launch, practice, screenshots, sign_in, tab_to, until
 
@@ -233,11 +235,12 @@ async def test_pages_need_a_session_and_keep_patients_out_of_caches(pair):
             canonical = route.resource.canonical
             if canonical.startswith(("/api/", "/static", "/metrics")) or (route.method, canonical) in PUBLIC:
                 continue
-            path = canonical.replace("{id}", "0" * 32).replace("{node_id}", "X").replace("{action}", "verify")
+            path = (canonical.replace("{id}", "0" * 32).replace("{node_id}", "X").replace("{action}", "verify")
+                    .replace("{ref}", "P-1"))
             async with s.request(route.method, a.url + path, allow_redirects=False) as r:
                 assert r.status == 303 and r.headers["Location"] == "/login", (route.method, path)
             walked += 1
-        assert walked == len(PAGES) - len(PUBLIC) >= 12
+        assert walked == len(PAGES) + len(patients_pages.PAGES) - len(PUBLIC) >= 17
         async with s.post(a.url + "/login", data={"account": "anne", "password": "wrong password!"}) as r:
             assert r.status == 401 and "incorrect" in await r.text()
 
@@ -288,3 +291,138 @@ async def test_add_a_colleague_from_an_email_and_verify(pair, browser, tmp_path)
         assert await page.locator("form[action$='/verify']").count() == 0
     finally:
         await close(c)
+
+
+# --- patients, audit and status (issue 10, items 7 and 8) -------------------------------------
+
+async def _audit_events(p) -> list[tuple[str, str]]:
+    return await p.node.store.call(lambda db: [(r[0], r[1] or "") for r in db.conn.execute(
+        "SELECT event, detail FROM audit ORDER BY seq")])
+
+
+async def test_patients_by_keyboard_alone(pair, browser, tmp_path):
+    a, b = pair
+    shots = screenshots(tmp_path)
+    sent = await b.node.send_referral(to="Dr Anne Martin", patient=PATIENT, subject="Bilan", letter="Compte rendu.")
+    await until(lambda: _arrived(a), "the record at the practice")
+    page = await (await browser.new_context(locale="fr-FR")).new_page()
+    await sign_in(page, a)
+
+    # enrol: the card is printed from the browser (text and an inline SVG QR code, made on the server)
+    await page.goto(a.url + "/patients")
+    assert await unlabelled(page) == []
+    await tab_to(page, "#enroll-ref")
+    await page.keyboard.type("P-1001")
+    await page.keyboard.press("Enter")
+    await page.wait_for_selector("#card-text")
+    text = await page.inner_text("#card-text")
+    card = Card.parse(text)
+    assert card.patient_ref == "P-1001" and card.practice == a.node.node_id and card.seed is not None
+    assert await page.locator("#card figure.qr svg").count() == 1
+    assert await unlabelled(page) == []
+    await page.screenshot(path=str(shots / "patient-card.png"), full_page=True)
+
+    # link the colleague's record to the patient, from the record page
+    await page.goto(a.url + f"/records/{sent.record_id}")
+    assert await unlabelled(page) == []
+    await tab_to(page, "#link-patient")
+    await page.keyboard.type("P-1001")
+    await tab_to(page, "#link-category")
+    await page.keyboard.type("cardiologie")
+    await page.keyboard.press("Enter")
+    await page.wait_for_selector("#linked-note")
+
+    # break-glass for the colleague (the only contact: first in the list), by keyboard
+    await page.goto(a.url + "/patients")
+    await tab_to(page, "#glass-who")
+    await tab_to(page, "#glass-allow")
+    await page.keyboard.press("Enter")
+    await page.wait_for_selector("#policy >> text=Dr Paul Durand")
+    assert [r["requester"] for r in await a.node.patients.break_glass_policy()] == [b.node.node_id]
+
+    # the colleague uses a grant (then revoked by the patient) and an emergency request
+    token = cards.grant(card, to=b.node.node_id, scope="all", days=1, now=now_ms())
+    jti = consent.check_grant(token, patient_public_keys={card.key_id: card.public_key},
+                              expected_audience=b.node.node_id, now=now_ms(), revoked=()).jti
+    assert len(await b.node.patients.request(a.node.node_id, token=token, pull=False)) == 1
+    assert await a.node.patients.apply_revocation(cards.revocation(card, jti, now=now_ms())) == jti
+    await b.node.patients.request(a.node.node_id, emergency="inconsciente aux urgences de Lyon",
+                                  patient="P-1001", pull=False)
+
+    await page.goto(a.url + "/patients")
+    await tab_to(page, "#patients a")
+    await page.keyboard.press("Enter")
+    await page.wait_for_selector("#history")
+    assert await unlabelled(page) == []
+    assert "P-1001" in await page.inner_text("#ref")
+    grants = await page.inner_text("#grants")
+    assert jti in grants and "Dr Paul Durand" in grants and "révoquée" in grants
+    for event in ("patient-enrolled", "patient-linked", "grant-used", "access-sent", "grant-revoked", "break-glass"):
+        assert await page.locator(f"#history tr[data-event='{event}']").count() >= 1, event
+    assert sent.record_id[:10] in await page.inner_text("#linked")
+    await page.screenshot(path=str(shots / "patient.png"), full_page=True)
+
+    # every action names the account, never the patient's reference
+    events = await _audit_events(a)
+    for event in ("patient-enrolled-by", "patient-linked-by", "break-glass-allowed-by", "history-viewed-by"):
+        details = [d for e, d in events if e == event]
+        assert details and all('"anne"' in d and "P-1001" not in d for d in details), event
+
+
+async def test_patients_are_for_practitioners_only(pair):
+    a, _ = pair
+    await a.node.accounts.add_user("claire", "secretary", PASSWORD)
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as s:
+        async with s.post(a.url + "/login", data={"account": "claire", "password": PASSWORD}) as r:
+            assert r.status == 200 and 'href="/patients"' not in await r.text()
+        async with s.get(a.url + "/patients") as r:
+            assert r.status == 403 and "praticiens" in await r.text()
+    assert await a.node.patients_list() == []
+
+
+async def test_status_page_by_keyboard(pair, browser, tmp_path):
+    a, _ = pair
+    c = await practice(tmp_path, "Dr Claire Petit", "claire", city="Annecy")
+    await a.node.add_contact(c.node.descriptor.signed)
+    await close(c)                                               # gone: what is sent to it waits
+    queued = await a.node.send_referral(to="Dr Claire Petit", patient=PATIENT, letter="x", deliver=False)
+    await a.node.raise_alert("test-rule", "a test subject", 1, "something needs a person")
+    page = await (await browser.new_context(locale="fr-FR")).new_page()
+    await sign_in(page, a)
+    await page.goto(a.url + "/status")
+    assert await unlabelled(page) == []
+    assert await page.inner_text("#queued") == "1"
+    assert await page.inner_text("#oldest") != "—"
+    assert "intact" in await page.inner_text("#audit")
+    assert "something needs a person" in await page.inner_text("#alerts")
+    assert "arrêtée" in await page.inner_text("#lan")                # this node does not run its LAN
+    assert await page.inner_text("#disk")
+    await page.screenshot(path=str(shots_of(tmp_path) / "status.png"), full_page=True)
+    await tab_to(page, "#audit-head")
+    async with page.expect_download() as download:
+        await page.keyboard.press("Enter")
+    head = open(await (await download.value).path(), encoding="utf-8").read()
+    assert head.startswith("cabinet-audit-head:")
+    assert queued.record_id
+
+
+def shots_of(tmp_path):
+    return screenshots(tmp_path)
+
+
+async def test_inbox_pages_unread_first(pair):
+    a, b = pair
+    for i in range(3):
+        await b.node.send_referral(to="Dr Anne Martin", patient=f"Patient {i}", subject=f"S{i}", letter="x")
+    await until(lambda: _count(a, 3), "three records at the practice")
+    first = (await a.node.inbox())[-1]                                  # the oldest
+    await a.node.read(first.id)
+    rows, total, unread = await a.node.inbox_page(0, 2)
+    assert (total, unread) == (3, 2) and [r.opened for r in rows] == [None, None]
+    rows, _, _ = await a.node.inbox_page(2, 2)
+    assert [r.id for r in rows] == [first.id]                           # read: last, on the second page
+    assert await a.node.unread_count() == 2
+
+
+async def _count(p, n: int) -> bool:
+    return len(await p.node.inbox()) >= n

@@ -16,16 +16,14 @@ import functools
 import hmac
 import re
 from pathlib import Path
-from typing import Awaitable, Callable
+from types import SimpleNamespace
+from typing import Any, Awaitable, Callable
 
-import aiohttp_jinja2
-import jinja2
-import segno
 from aiohttp import web
 
 from ...node import (AlreadyExists, AuthenticationFailed, CabinetError, Descriptor, NotFound, Principal, TooLarge,
                      TooManyAttempts, UsageError, contact_state)
-from . import auth, i18n
+from . import auth, i18n, patients_pages
 from .api import PREVIEW, delivery_json
 from .keys import NODE, TLS_ON
 
@@ -66,12 +64,23 @@ def size(n: int | None) -> str:
     return f"{value:.1f} Gio"
 
 
+@functools.lru_cache(maxsize=1)
+def _templates() -> Any:
+    """The Jinja2 environment, made on the first page served (Jinja2 is not loaded by a node whose
+    web pages nobody opens). Autoescaped (HTML and XML); an undefined name is an error, not blank."""
+    import jinja2
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(HERE / "templates")),
+                              autoescape=jinja2.select_autoescape(("html", "xml"), default=True),
+                              undefined=jinja2.StrictUndefined)
+
+
 def render(request: web.Request, name: str, context: dict, status: int = 200) -> web.Response:
     lang = lang_of(request)
     base = {"t": i18n.translator(lang), "lang": lang, "when": lambda ms: when(ms, lang), "size": size,
             "day": lambda text: day(text, lang),
             "path": request.path}
-    resp = aiohttp_jinja2.render_template(name, request, base | context, status=status)
+    html = _templates().get_template(name).render(base | context)
+    resp = web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
     resp.headers["Referrer-Policy"] = "same-origin"      # so that the page's own posts carry its Origin
     return resp
 
@@ -110,8 +119,7 @@ async def error_page(request: web.Request, who: Principal, exc: CabinetError) ->
 
 async def chrome(request: web.Request, who: Principal) -> dict:
     """What every signed-in page shows: who, the CSRF token, the unread badge."""
-    rows = await request.app[NODE].inbox()
-    return {"me": who, "csrf": who.csrf, "unread": sum(1 for s in rows if s.opened is None)}
+    return {"me": who, "csrf": who.csrf, "unread": await request.app[NODE].unread_count()}
 
 
 def record_id(request: web.Request) -> str:
@@ -196,9 +204,14 @@ def _day(text: str, end: bool = False) -> int | None:
     return int(start + (86_400_000 - 1 if end else 0))
 
 
+PAGE_SIZE = 100
+
+
 @page
 async def inbox(request: web.Request, who: Principal) -> web.Response:
-    form = await request.post() if request.method == "POST" else {}
+    if request.method == "GET":
+        return await inbox_page(request, who)
+    form = await request.post()
     f: dict[str, str] = {k: str(form.get(k, "")).strip() for k in FILTERS}
     unread = bool(form.get("unread"))
     rows = await request.app[NODE].inbox(patient=f["patient"] or None, born=parse_day(f["born"]))
@@ -208,7 +221,20 @@ async def inbox(request: web.Request, who: Principal) -> web.Response:
             and (not unread or s.opened is None)]
     rows.sort(key=lambda s: (s.opened is not None, -s.created))       # unread first, newest first
     return render(request, "inbox.html", await chrome(request, who) | {
-        "rows": rows, "f": f, "unread_only": unread, "filtered": unread or any(f.values())})
+        "rows": rows, "f": f, "unread_only": unread, "filtered": unread or any(f.values()), "pager": None})
+
+
+async def inbox_page(request: web.Request, who: Principal) -> web.Response:
+    """Unfiltered: one page of PAGE_SIZE, unread first (only that page's summaries are decrypted)."""
+    try:
+        number = max(1, int(request.query.get("page", "1")))
+    except ValueError:
+        number = 1
+    rows, total, unread = await request.app[NODE].inbox_page((number - 1) * PAGE_SIZE, PAGE_SIZE)
+    pages = max(1, -(-total // PAGE_SIZE))
+    return render(request, "inbox.html", await chrome(request, who) | {
+        "rows": rows, "f": dict.fromkeys(FILTERS, ""), "unread_only": False, "filtered": False,
+        "pager": {"page": min(number, pages), "pages": pages, "total": total}, "unread": unread})
 
 
 # --- a record ----------------------------------------------------------------------------------
@@ -227,7 +253,7 @@ async def record(request: web.Request, who: Principal) -> web.Response:
     if not who.may("read", letters=True):
         summary = next(s for s in thread if s.id == rid)
         return render(request, "record.html", await chrome(request, who) | {
-            "thread": thread, "rid": rid, "summary": summary, "denied": True})
+            "thread": thread, "rid": rid, "summary": summary, "denied": True, "linked": False})
     view = await node.read_as(who, rid)
     ctx = await chrome(request, who) | {"thread": await node.thread(rid), "rid": rid}   # read: no longer unread
     atts = [{"index": i, "name": a.name, "size": a.size, "type": a.type, "preview": preview_kind(a.type),
@@ -236,7 +262,8 @@ async def record(request: web.Request, who: Principal) -> web.Response:
     names = {c["node_id"]: c["name"] for c in await node.contacts()} | {node.node_id: node.config.name}
     ctx["to"] = [names.get(r, r) for r in view.recipients]
     return render(request, "record.html", ctx | {"summary": view.summary, "view": view, "atts": atts,
-                                                 "deliveries": deliveries, "denied": False})
+                                                 "deliveries": deliveries, "denied": False,
+                                                 "linked": request.query.get("linked") == "1"})
 
 
 # --- compose and outbox --------------------------------------------------------------------------
@@ -302,6 +329,7 @@ async def add_contact(request: web.Request, who: Principal) -> web.Response:
 async def contact(request: web.Request, who: Principal) -> web.Response:
     node = request.app[NODE]
     c, code = await node.safety_code(request.match_info["node_id"])
+    import segno                      # loaded only when a QR code is drawn
     qr = segno.make(node.descriptor.to_text(), error="m").svg_inline(scale=3, border=2,
                                                                      title="QR", svgclass="qr")
     return render(request, "contact.html", await chrome(request, who) | {
@@ -326,9 +354,9 @@ async def contact_action(request: web.Request, who: Principal) -> web.StreamResp
 @page
 async def status(request: web.Request, who: Principal) -> web.Response:
     node = request.app[NODE]
-    ok, bad = await node.audit_verify()
+    s = await node.status_report()
     return render(request, "status.html", await chrome(request, who) | {
-        "s": await node.status(), "audit_ok": ok, "audit_bad": bad})
+        "s": s, "audit_ok": s["audit_ok"], "audit_bad": s["audit_bad"]})
 
 
 @page
@@ -353,9 +381,8 @@ PAGES: list[tuple[str, str, Callable]] = [
 
 def mount(app: web.Application) -> None:
     """Add the pages and /static/ to the API's app; templates are autoescaped (HTML and XML)."""
-    aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(str(HERE / "templates")),
-                         autoescape=jinja2.select_autoescape(("html", "xml"), default=True),
-                         undefined=jinja2.StrictUndefined)
-    for method, path, handler in PAGES:
+    ui = SimpleNamespace(page=page, render=render, chrome=chrome, lang_of=lang_of, contact_row=contact_row,
+                         record_id=record_id)
+    for method, path, handler in PAGES + patients_pages.routes(ui):
         app.router.add_route(method, path, handler)
     app.router.add_static("/static/", HERE / "static", append_version=False)
