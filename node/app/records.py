@@ -41,6 +41,7 @@ from .retention import refuse_if_purged
 from .rows import place_sealed, record_row
 
 log = logging.getLogger("cabinet.records")
+LIST_LIMIT = 500                 # a plain listing shows the newest; a search looks at every record
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +282,9 @@ class Records:
         """Records, newest first; with `patient`, those whose patient's name holds every word given
         (any case, accents, order), and with `born`, that date of birth too."""
         born = check_born(born or "")
-        rows = await self.ports.store.call(records.list_records, direction, None)
+        # A search looks at every record; a plain listing at the newest LIST_LIMIT.
+        limit = None if (patient is not None or born) else LIST_LIMIT
+        rows = await self.ports.store.call(records.list_records, direction, None, None, limit)
         names = await self.contacts.names()
         summaries = [self._summary(r, names) for r in rows]   # every summary is opened anyway to list it
         if patient is not None:

@@ -51,6 +51,8 @@ def print_summaries(rows: list, header: str) -> None:
               f"{shown(s.patient + (' ' + s.born if s.born else ''))[:24]:24}  {(mark + shown(s.subject))[:30]:30}  {files}")
     if any(not s.opened and s.direction == "in" for s in rows):
         print("(* not opened yet)")
+    if len(rows) >= 500:
+        print("(the newest 500; --patient or --born searches them all)")
 
 
 # --- commands ------------------------------------------------------------------

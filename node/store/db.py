@@ -71,6 +71,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS records_stream ON records (sender, seq) WHERE 
 CREATE INDEX IF NOT EXISTS records_thread ON records (thread, created);
 CREATE INDEX IF NOT EXISTS records_patient ON records (patient_ix);
 CREATE INDEX IF NOT EXISTS records_listing ON records (direction, stored);
+CREATE INDEX IF NOT EXISTS records_inbox ON records (direction, (opened IS NOT NULL), created DESC, id);
 CREATE TABLE IF NOT EXISTS deliveries (
     record_id  TEXT NOT NULL,
     recipient  TEXT NOT NULL,

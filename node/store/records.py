@@ -318,14 +318,16 @@ def stored_from(db: sqlite_utils.Database, record_id: str, sender: str) -> bytes
 
 
 def list_records(db: sqlite_utils.Database, direction: str | None = None, patient_ix: bytes | None = None,
-                 thread: str | None = None, limit: int = 500) -> list[dict]:
+                 thread: str | None = None, limit: int | None = 500) -> list[dict]:
+    """Records, newest first; at most `limit` (None: all of them)."""
     where, args = [], []
     for col, val in (("direction", direction), ("patient_ix", patient_ix), ("thread", thread)):
         if val is not None:
             where.append(f"{col} = ?")
             args.append(val)
     sql = "SELECT * FROM records" + (" WHERE " + " AND ".join(where) if where else "")
-    return list(db.query(sql + f" ORDER BY created DESC, id LIMIT {int(limit)}", args))
+    sql += " ORDER BY created DESC, id" + (f" LIMIT {int(limit)}" if limit is not None else "")
+    return list(db.query(sql, args))
 
 
 def mark_opened(db: sqlite_utils.Database, record_id: str, now: int, event: str = "read",
