@@ -195,8 +195,7 @@ class Node:
                 self.config.listen = listen
                 await asyncio.to_thread(self.config.save, self.folder)
             if self.own.addresses_changed() and not self.own.current.revoked:
-                # Peers replace older descriptors by sequence number; a moved box tells its contacts.
-                await self._descriptor_changed(tell_contacts=True)
+                await self._descriptor_changed()      # peers replace older descriptors by sequence number
             await self._start_port_mapping(host, bound)     # IPv6 addresses now, the router's port soon
         await self._audit("node-started", detail=None if accept else "not listening")
         await self.discovery.start_lan(host, bound or None)

@@ -158,6 +158,7 @@ class HealthService:
                 self._take(e)
             except Exception:            # a bug must not stop the log and the metrics
                 log.exception("health: event not taken")
+            await asyncio.sleep(0)       # a burst of events (a batch of 500 records) never holds the loop
 
     def _take(self, e: Event) -> None:
         assert self._sub is not None
