@@ -8,10 +8,12 @@ real code path.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +36,58 @@ def _fast_kdf(monkeypatch):
     monkeypatch.setenv("CABINET_KDF", "min")
 
 
+_PORTS_GIVEN: set[int] = set()
+_PORT_RNG = random.Random()             # seeded by the OS: two test runs side by side pick different ports
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port for a node or server a test starts later, below the kernel's ephemeral range.
+
+    A port the kernel hands out for bind(0) comes from the range it also
+    uses for outgoing connections: between this call and the node's start,
+    any client connection in the run could take it ("address already in
+    use"). Below the range, only this function hands ports out, each once.
+    """
+    lo, _ = _ephemeral_range()
+    if lo - 1024 >= 4096:
+        for _ in range(200):
+            port = _PORT_RNG.randrange(max(1024, lo - 12000), lo)
+            if port in _PORTS_GIVEN:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _PORTS_GIVEN.add(port)
+            return port
+    with socket.socket() as s:         # an unusual port range: fall back to the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def drain(proc: subprocess.Popen, into: list) -> threading.Thread:
+    """Keep reading a running process's output into `into`.
+
+    A node logs every event to its stdout: a pipe nobody reads fills (64 KiB)
+    and the node then blocks in its next log write, which a test sees as a
+    node that stopped answering.
+    """
+    def read() -> None:
+        for line in proc.stdout:
+            into.append(line)
+
+    t = threading.Thread(target=read, name="drain", daemon=True)
+    t.start()
+    return t
 
 
 def cli(data: Path | None, *args: str, env: dict | None = None, input: str | None = None,
@@ -65,6 +115,7 @@ class NodeProc:
     node_id: str = ""
     proc: subprocess.Popen | None = None
     log: list[str] = field(default_factory=list)
+    _reader: threading.Thread | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -89,6 +140,7 @@ class NodeProc:
                 break
             self.log.append(line)
             if "listening" in line:
+                self._reader = drain(self.proc, self.log)
                 return self
         self.proc.kill()
         raise AssertionError(f"node {self.name} did not start:\n{''.join(self.log)}{self.proc.stdout.read()}")
@@ -96,13 +148,15 @@ class NodeProc:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         assert self.proc is not None
         self.proc.send_signal(sig)
+        if self._reader is None:
+            self._reader = drain(self.proc, self.log)
         try:
-            rest, _ = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            rest, _ = self.proc.communicate()
-        self.log.append(rest or "")
-        code, self.proc = self.proc.returncode, None
+            self.proc.wait()
+        self._reader.join(timeout=10)         # the output's end: the pipe closes when the process exits
+        code, self.proc, self._reader = self.proc.returncode, None, None
         return code
 
     def cli(self, *args: str, **kw) -> subprocess.CompletedProcess:

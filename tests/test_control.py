@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, base_env, free_port, introduce, ok, wait_for
+from conftest import ROOT, base_env, drain, free_port, introduce, ok, wait_for
 from node.faces import control, control_client as cc
 
 LETTER = "Cher confrère, merci de voir Mme Martin.\n"
@@ -175,6 +175,7 @@ def test_a_locked_node_is_unlocked_from_the_web_then_receives(practice, tmp_path
             line = proc.stdout.readline()
             assert line, lines
             lines.append(line)
+        cardio._reader = drain(proc, lines)        # read on: a full pipe would stop the node at its next log line
         letter = tmp_path / "l.txt"
         letter.write_text(LETTER)
         gp.start()

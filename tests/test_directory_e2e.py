@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, NodeProc, base_env, db_rows, free_port, wait_for
+from conftest import ROOT, NodeProc, base_env, db_rows, drain, free_port, wait_for
 from node.core.identity import Descriptor
 
 CANARY = "Canary-Bootstrap-4411"
@@ -27,6 +27,7 @@ def bootstrap(tmp_path):
                             cwd=ROOT, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     line = proc.stdout.readline()
     assert "listening" in line, line + proc.stdout.read()
+    drain(proc, [])                         # read on: a full pipe would stop the server at its next log line
     yield f"http://127.0.0.1:{port}", tmp_path / "boot", trace
     proc.terminate()
     proc.wait(timeout=15)

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from zeroconf import IPVersion
 
-from conftest import ROOT, base_env
+from conftest import ROOT, base_env, drain
 from node.config import Config, parse_listen
 from node.core.errors import UsageError
 from node.core.identity import Descriptor, Identity
@@ -164,6 +164,7 @@ def test_a_referral_goes_direct_over_ipv6(tmp_path):
     data = {k: tmp_path / k for k in ns}
     names = {"a": "Dr Anne Six", "b": "Dr Paul Six"}
     procs: list[subprocess.Popen] = []
+    outputs: dict[str, list[str]] = {k: [] for k in ns}
     made: list[str] = []
     try:
         for k in ns:
@@ -180,6 +181,7 @@ def test_a_referral_goes_direct_over_ipv6(tmp_path):
                 ["ip", "netns", "exec", ns[k], sys.executable, "-m", "node", "run", "--data", str(data[k]),
                  "--no-web", "--no-lan", "--no-port-mapping"],
                 cwd=ROOT, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            drain(procs[-1], outputs[k])            # read on: a full pipe would stop the node at its next log line
         for k in ns:
             want = f"https://[{ip6[k]}]:7400"
             deadline = time.monotonic() + 30
@@ -206,7 +208,7 @@ def test_a_referral_goes_direct_over_ipv6(tmp_path):
             if p.poll() is None:
                 p.terminate()
             try:
-                p.communicate(timeout=20)
+                p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
         for n in made:

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from conftest import PASSPHRASE, ROOT, NodeProc, base_env, db_rows, free_port
+from conftest import PASSPHRASE, ROOT, NodeProc, base_env, db_rows, drain, free_port
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
@@ -120,6 +120,7 @@ def directory_server(tmp_path):
                             cwd=ROOT, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     line = proc.stdout.readline()
     assert "listening" in line, line + proc.stdout.read()
+    drain(proc, [])                         # read on: a full pipe would stop the server at its next log line
     yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=15)
