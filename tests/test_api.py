@@ -15,7 +15,7 @@ import pytest
 
 from conftest import PASSPHRASE
 from node import Node
-from node.node import UsageError, setup_logging
+from node.node import SCOPES, UsageError, setup_logging
 from node.faces.web.api import ROUTES
 from node.faces.web.server import start_web
 
@@ -306,12 +306,13 @@ async def test_revoked_token_is_refused_at_once(pair):
 
 
 def _concrete(path: str) -> str:
-    return path.replace("{id}", "0" * 32).replace("{n}", "0")
+    return path.replace("{id}", "0" * 32).replace("{n}", "0").replace("{ref}", "P-0")
 
 
 async def test_every_route_needs_credentials_and_the_right_scope(pair):
     a, _ = pair
-    weak = await a.node.accounts.add_token("weak", ["patients"])          # a scope no route here takes
+    lacking = {scope: await a.node.accounts.add_token(f"no-{scope}", [s for s in SCOPES if s != scope])
+               for scope in SCOPES}                                   # every scope but the route's own
     app = a.web.runner.app
     specs = {(spec.method, spec.path): spec for spec in ROUTES}
     walked = 0
@@ -328,7 +329,7 @@ async def test_every_route_needs_credentials_and_the_right_scope(pair):
                 assert status not in (401, 403), (route.method, path)
                 continue
             assert status == 401 and "error" in body, (route.method, path, status)
-            status, body, _ = await a.call(s, route.method, path, token=weak)
+            status, body, _ = await a.call(s, route.method, path, token=lacking[spec.scope or "admin"])
             if spec.scope is None:
                 assert status not in (401, 403), (route.method, path)
             else:

@@ -19,7 +19,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from ...node import CabinetError, Descriptor, Summary, UsageError, contact_state
-from . import auth, stream, upload
+from . import api_admin, api_patients, auth, stream, upload
 from .keys import NODE
 
 log = logging.getLogger("cabinet.web")
@@ -261,6 +261,7 @@ async def openapi_json(request: web.Request) -> web.Response:
 # --- the table -----------------------------------------------------------------------
 
 _ID = Param("id", "path", "string", "a record ID (32 hexadecimal characters)", True)
+_REF = Param("ref", "path", "string", "a patient reference (a number the practice gives, never a name)", True)
 _FILTERS = (Param("patient", "query", "string", "words of the patient's name, any order, case or accents"),
             Param("born", "query", "string", "date of birth YYYY-MM-DD"),
             Param("sender", "query", "string", "the sender's node ID or contact name"),
@@ -298,5 +299,26 @@ ROUTES: list[Route] = [
     Route("GET", "/api/status", status, "the node at a glance", "read", answer="Status"),
     Route("GET", "/api/events", stream.events, "live events (Server-Sent Events): IDs and states only", "read",
           answer="EventStream", media="text/event-stream"),
+    # patients (api_patients.py): scope `patients`; `letters`: a secretary's session is refused, as on the pages
+    Route("GET", "/api/patients", api_patients.patients, "the enrolled patients: reference, key ID, enrolled",
+          "patients", letters=True, answer="Patients"),
+    Route("POST", "/api/patients", api_patients.enroll, "enrol a patient; the card (with its recovery phrase) is "
+          "given once, in this answer", "patients", letters=True, body="Enrol", answer="PatientCard", status=201),
+    Route("GET", "/api/patients/{ref}", api_patients.patient, "one patient's records, grants, revocations and "
+          "signed access history (audited)", "patients", letters=True, params=(_REF,), answer="Patient"),
+    Route("POST", "/api/records/{id}/link", api_patients.link, "link a stored record to an enrolled patient",
+          "patients", letters=True, params=(_ID,), body="Link", answer="Linked"),
+    Route("GET", "/api/break-glass", api_patients.break_glass, "the break-glass policy, and the emergency "
+          "accesses and refusals to review", "patients", letters=True, answer="BreakGlass"),
+    Route("POST", "/api/break-glass", api_patients.set_break_glass, "allow (or stop allowing) emergency requests "
+          "without a grant from a colleague, or any (\"*\")", "patients", letters=True, body="BreakGlassChange",
+          answer="BreakGlass"),
+    # administration (api_admin.py): scope `admin`; any signed-in account, as the status page
+    Route("GET", "/api/admin/status", api_admin.status, "GET /api/status and the audit chain's state, port "
+          "mapping, relays, bootstraps, LAN peers, open alerts", "admin", answer="AdminStatus"),
+    Route("GET", "/api/admin/audit-head", api_admin.audit_head, "the audit chain's head signed by this practice "
+          "(a text download)", "admin", answer="AuditHead", media="text/plain"),
+    Route("POST", "/api/admin/audit-head/verify", api_admin.verify_head, "is the audit log intact and still an "
+          "extension of a head signed earlier?", "admin", body="HeadToVerify", answer="HeadVerified"),
     Route("GET", "/api/openapi.json", openapi_json, "this document", public=True, answer="OpenAPI"),
 ]

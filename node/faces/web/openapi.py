@@ -3,7 +3,8 @@
 Every route of the table appears (a test checks it against the router), with its
 parameters, request body, answer, and the credentials it takes: a session cookie
 (with X-CSRF-Token on changes) or an API token whose scope is named in
-`x-cabinet-scope`. Routes that open a record's content say `x-cabinet-letters`.
+`x-cabinet-scope`. Routes closed to a secretary's session (a record's content, the
+patient routes) say `x-cabinet-letters`.
 """
 
 from __future__ import annotations
@@ -75,13 +76,64 @@ SCHEMAS: dict[str, dict] = {
         conflict={"type": "array", "items": _str})}),
     "Status": _obj(["node_id", "name"], node_id=_str, name=_str, addresses={"type": "array", "items": _str},
                    queued=_int, oldest_undelivered=_nullable_int, disk_free=_int, serving=_bool),
+    # patients (api_patients.py)
+    "PatientRow": _obj(["patient_ref", "key_id"], patient_ref=_str, key_id=_str, enrolled=_int, updated=_int, url=_str),
+    "Patients": _obj(["patients"], patients={"type": "array", "items": _ref("PatientRow")}),
+    "Enrol": _obj([], ref={"type": "string", "description": "the practice's reference for the patient (1-64 "
+                           "letters, digits, '.', '_', '-': a number, never a name); one is made when absent"},
+                  replace={"type": "boolean", "description": "a new key for an enrolled patient who lost the card"}),
+    "PatientCard": _obj(["patient_ref", "key_id", "text"], patient_ref=_str, key_id=_str, practice=_str, public=_str,
+                        recovery={"type": ["string", "null"], "description": "the recovery phrase: given only here"},
+                        text={"type": "string", "description": "the card as text, to print"},
+                        qr={"type": "string", "description": "what the card's QR code holds"}, url=_str),
+    "Grant": _obj(["audience", "jti"], audience=_str, audience_name={"type": ["string", "null"]}, jti=_str,
+                  scope=_str, expires=_str, first_used=_int, last_used=_int, uses=_int, revoked=_nullable_int),
+    "HistoryEntry": _obj(["seq", "at", "event"], seq=_int, at=_int, event=_str, record=_str, peer=_str,
+                         peer_name={"type": ["string", "null"]}, grant=_str, emergency=_bool, why=_str, scope=_str,
+                         hash={"type": "string", "description": "the entry's chain hash (hex)"},
+                         details={"type": "object"}),
+    "Patient": _obj(["patient", "records", "grants", "revocations", "history"],
+                    patient=_obj(["patient_ref", "key_id"], patient_ref=_str, key_id=_str, public=_str,
+                                 enrolled=_int, updated=_int),
+                    records={"type": "array", "items": _obj(["record_id"], record_id=_str,
+                                                            category={"type": ["string", "null"]}, url=_str)},
+                    grants={"type": "array", "items": _ref("Grant")},
+                    revocations={"type": "array", "items": _obj(["grant", "at"], grant=_str, at=_int, seq=_int,
+                                                                peer=_str)},
+                    history=_obj(["practice", "seq", "hash", "entries"], practice=_str, patient=_str, at=_int,
+                                 seq=_int, hash=_str, sign_key=_str,
+                                 entries={"type": "array", "items": _ref("HistoryEntry")})),
+    "Link": _obj(["patient"], patient={"type": "string", "description": "the patient's reference"},
+                 category={"type": "string", "description": "e.g. cardiologie"}),
+    "Linked": _obj(["record_id", "patient_ref"], record_id=_str, patient_ref=_str,
+                   category={"type": ["string", "null"]}, url=_str),
+    "BreakGlass": _obj(["policy", "flagged"],
+                       policy={"type": "array", "items": _obj(["requester", "since"], requester={
+                           "type": "string", "description": "a node ID, or \"*\": any colleague"}, since=_int,
+                           name={"type": ["string", "null"]})},
+                       flagged={"type": "array", "items": _ref("HistoryEntry")}),
+    "BreakGlassChange": _obj(["requester", "allow"], requester={"type": "string", "description": "a contact's name "
+                             "or node ID, or \"*\" for any"}, allow=_bool),
+    # administration (api_admin.py)
+    "AdminStatus": {"allOf": [_ref("Status"), _obj(
+        ["audit_ok", "audit"], audit_ok=_bool, audit_bad=_nullable_int,
+        audit=_obj(["intact"], intact=_bool, broken_at=_nullable_int, head_url=_str),
+        port_mapping={"type": "object"}, bootstraps={"type": "array", "items": _str},
+        relays={"type": "array", "items": _obj(["url"], url=_str, registered=_bool, sessions=_int,
+                                              last_error={"type": ["string", "null"]})},
+        lan={"type": ["array", "null"], "description": "null: this node does not run its LAN discovery",
+             "items": _obj(["node_id"], node_id=_str, name=_str, url=_str, verified=_bool, last_seen=_int)},
+        alerts={"type": "array", "items": {"type": "object"}})]},
+    "AuditHead": {"type": "string", "description": "cabinet-audit-head:<base64url>, signed by this practice"},
+    "HeadToVerify": _obj(["head"], head={"type": "string", "description": "cabinet-audit-head:..."}),
+    "HeadVerified": _obj(["ok", "detail"], ok=_bool, detail=_str),
     "EventStream": {"type": "string", "description": "text/event-stream; events RecordReceived, RecordStored, "
                     "DeliveryChanged (with percent), RecordOpened, KeyChanged, Missed: IDs and states only"},
     "OpenAPI": {"type": "object"},
 }
 
 _ERRORS = {"400": "bad request", "401": "no or bad credentials", "403": "not allowed (scope, role, CSRF, Origin)",
-           "404": "not found", "413": "too large", "421": "unknown Host (DNS rebinding)",
+           "404": "not found", "409": "already exists", "413": "too large", "421": "unknown Host (DNS rebinding)",
            "429": "too many failed sign-ins (Retry-After)"}
 
 
@@ -130,5 +182,5 @@ def document(routes: Sequence) -> dict:
                             "description": "from POST /api/session; state changes need X-CSRF-Token"},
                 "token": {"type": "http", "scheme": "bearer",
                           "description": "`cabinet token add NAME --scope ...`; scopes: send, read, contacts, "
-                                         "patients, admin"}}},
+                                         "patients, admin (docs/api.md)"}}},
     }
