@@ -14,10 +14,12 @@ import ssl
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from conftest import PASSPHRASE
 from node import Node
+from node.core import crypto, der, wire
 from node.core.errors import AuthenticationFailed, NotFound
 from node.core.identity import Identity, node_id_bytes
 from node.store import records
@@ -190,16 +192,27 @@ async def test_an_impostor_at_a_contacts_address_is_refused_before_any_request(t
         await srv.stop()
 
 
-def self_signed(binding: bytes | None) -> bytes:
-    key = ed25519.Ed25519PrivateKey.generate()
+OID = x509.ObjectIdentifier(tls.BINDING_OID)
+
+
+def self_signed(binding: bytes | None, key=None) -> bytes:
+    """A certificate made by `cryptography` (an independent implementation), optionally carrying `binding`."""
+    key = key or ed25519.Ed25519PrivateKey.generate()
     name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "x")])
     now = datetime.datetime.now(datetime.timezone.utc)
     builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
                .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1)))
     if binding is not None:
-        builder = builder.add_extension(x509.UnrecognizedExtension(tls.BINDING_OID, binding), critical=False)
-    from cryptography.hazmat.primitives import serialization
-    return builder.sign(key, None).public_bytes(serialization.Encoding.DER)
+        builder = builder.add_extension(x509.UnrecognizedExtension(OID, binding), critical=False)
+    algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    return builder.sign(key, algorithm).public_bytes(serialization.Encoding.DER)
+
+
+def genuine_binding(identity: Identity, key, now_ms: int, lifetime_ms: int = tls.LIFETIME_MS) -> bytes:
+    """The extension value today's and yesterday's nodes put in their certificates, for `key`."""
+    spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    expires = now_ms + lifetime_ms
+    return wire.pack({"expires": expires, "sig": identity.sign(tls.DOMAIN, tls.binding_message(spki, expires))})
 
 
 def test_a_certificate_binds_only_its_own_key_to_only_its_identity_until_it_expires():
@@ -216,7 +229,7 @@ def test_a_certificate_binds_only_its_own_key_to_only_its_identity_until_it_expi
         with pytest.raises(AuthenticationFailed):
             tls.check_certificate(der, key, when)
     # A binding copied from a genuine certificate onto another TLS key does not verify.
-    genuine = x509.load_der_x509_certificate(good).extensions.get_extension_for_oid(tls.BINDING_OID).value.value
+    genuine = x509.load_der_x509_certificate(good).extensions.get_extension_for_oid(OID).value.value
     with pytest.raises(AuthenticationFailed, match="not signed by the expected node"):
         tls.check_certificate(self_signed(genuine), me.sign_public, now)
 
@@ -246,3 +259,155 @@ async def test_a_descriptor_is_fetched_from_an_address_typed_with_http(tmp_path)
     finally:
         await client.close()
         await b.close()
+
+
+# --- certificates written and read without `cryptography`, cross-checked against it --------
+
+def test_a_certificate_made_here_reads_in_cryptography_and_all_of_it_checks_out():
+    me, now = Identity.generate(), auth.now_ms()
+    cert_pem, key_pem = tls.make_certificate(me, now)
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    assert cert.version == x509.Version.v3
+    assert cert.subject == cert.issuer == x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "cabinet node")])
+    assert cert.signature_algorithm_oid == x509.SignatureAlgorithmOID.ED25519 and cert.serial_number > 0
+    # The self-signature, checked by cryptography's own Ed25519 code (raises if it does not verify).
+    public = cert.public_key()
+    assert isinstance(public, ed25519.Ed25519PublicKey)
+    public.verify(cert.signature, cert.tbs_certificate_bytes)
+    spki = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert spki == bytes.fromhex("302a300506032b6570032100") + public.public_bytes_raw()
+    # The binding: a non-critical extension under our OID, signed by the identity over that SPKI.
+    extension = cert.extensions.get_extension_for_oid(OID)
+    assert not extension.critical and len(cert.extensions) == 1
+    statement = wire.unpack(extension.value.value, max_size=1024, what="test")
+    assert statement["expires"] == now + tls.LIFETIME_MS
+    crypto.verify(me.sign_public, tls.DOMAIN, tls.binding_message(spki, statement["expires"]), statement["sig"])
+    assert cert.not_valid_after_utc.timestamp() == (now + tls.LIFETIME_MS) // 1000
+    assert cert.not_valid_before_utc.timestamp() == now // 1000 - 24 * 3600
+    # The key: unencrypted PKCS#8 of exactly the certificate's key.
+    key_der = ssl.PEM_cert_to_DER_cert(key_pem.decode().replace("PRIVATE KEY", "CERTIFICATE"))
+    assert key_der[:16] == bytes.fromhex("302e020100300506032b657004220420") and len(key_der) == 48
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    assert isinstance(key, ed25519.Ed25519PrivateKey) and key.public_key() == public
+    tls.check_certificate(cert.public_bytes(serialization.Encoding.DER), me.sign_public, now)
+
+
+async def test_a_certificate_made_by_cryptography_as_older_nodes_did_is_accepted():
+    me, now = Identity.generate(), auth.now_ms()
+    key = ed25519.Ed25519PrivateKey.generate()
+    cert = self_signed(genuine_binding(me, key, now), key)
+    tls.check_certificate(cert, me.sign_public, now)
+    tls.check_certificate(cert, me.sign_public, now + tls.LIFETIME_MS)
+    # Over a real TLS 1.3 handshake with a server set up as older nodes did (encrypted PKCS#8).
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    pem = ssl.DER_cert_to_PEM_cert(cert).encode() + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"a password"))
+    with tls._key_file(pem) as path:
+        server_context.load_cert_chain(path, password=b"a password")
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0, ssl=server_context)
+    client_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_context.check_hostname, client_context.verify_mode = False, ssl.CERT_NONE
+    try:
+        async with asyncio.timeout(15):
+            _, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1],
+                                                      ssl=client_context)
+        peer = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+        assert peer == cert
+        tls.check_certificate(peer, me.sign_public, now)
+    finally:
+        server.close()
+
+
+def refused(cert: bytes, key: bytes, now: int) -> None:
+    with pytest.raises(AuthenticationFailed):
+        tls.check_certificate(cert, key, now)
+
+
+def test_truncated_garbled_and_over_long_certificates_are_refused():
+    me, now = Identity.generate(), auth.now_ms()
+    good = tls.ServerTLS(me, now).certificate
+    for n in range(len(good)):                                  # every truncation
+        refused(good[:n], me.sign_public, now)
+    for i in range(len(good)):                                  # every single-byte change
+        for flip in (0x01, 0x80, 0xFF):
+            refused(good[:i] + bytes([good[i] ^ flip]) + good[i + 1:], me.sign_public, now)
+    length = int.from_bytes(good[2:4], "big")
+    assert good[:2] == b"\x30\x82"                              # SEQUENCE, two length bytes
+    for bad in (good + b"\x00",                                 # a byte after the certificate
+                b"\x30\x82" + (length + 1).to_bytes(2, "big") + good[4:],       # longer than its input
+                b"\x30\x83\x00" + good[2:],                     # a length not in its shortest form
+                b"\x30\x84\xff\xff\xff\xff" + good[4:],         # 4 GiB claimed
+                b"\x30\x89" + b"\xff" * 9 + good[4:],           # more length bytes than allowed
+                b"\x30\x80" + good[4:] + b"\x00\x00",           # BER's indefinite length
+                b"\x30\x03junk", b"\x30", b"\x00" * 64, b"\xff" * 300):
+        refused(bad, me.sign_public, now)
+
+
+def test_missing_foreign_or_stale_bindings_and_other_key_types_are_refused():
+    me, other, now = Identity.generate(), Identity.generate(), auth.now_ms()
+    key = ed25519.Ed25519PrivateKey.generate()
+    refused(self_signed(None), me.sign_public, now)                                       # no extension
+    refused(self_signed(genuine_binding(other, key, now), key), me.sign_public, now)     # another identity signed
+    refused(tls.ServerTLS(other, now).certificate, me.sign_public, now)
+    refused(self_signed(genuine_binding(me, key, now, lifetime_ms=-1), key), me.sign_public, now)  # expired
+    with pytest.raises(AuthenticationFailed, match="expired"):
+        tls.check_certificate(self_signed(genuine_binding(me, key, now, lifetime_ms=-1), key), me.sign_public, now)
+    # An ECDSA P-256 certificate whose binding is genuinely signed by `me` over its own SPKI:
+    # only Ed25519 TLS keys are accepted.
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    refused(self_signed(genuine_binding(me, ec_key, now), ec_key), me.sign_public, now)
+    # The same binding twice, or the binding in a certificate whose self-signature is wrong.
+    cert = x509.load_der_x509_certificate(self_signed(genuine_binding(me, key, now), key))
+    fields = der.children(der.decode(cert.tbs_certificate_bytes), der.SEQUENCE)
+    exts = der.children(der.decode(fields[-1].content), der.SEQUENCE)
+    assert len(exts) == 1
+    two = der.explicit(3, der.sequence(exts[0].encoded, exts[0].encoded))
+    tbs = der.sequence(*[f.encoded for f in fields[:-1]], two)
+    algorithm = der.sequence(der.oid(tls.ED25519_OID))
+    refused(der.sequence(tbs, algorithm, der.bit_string(key.sign(tbs))), me.sign_public, now)
+    single = der.sequence(*[f.encoded for f in fields])
+    assert single == cert.tbs_certificate_bytes
+    tls.check_certificate(der.sequence(single, algorithm, der.bit_string(key.sign(single))), me.sign_public, now)
+    refused(der.sequence(single, algorithm, der.bit_string(bytes(64))), me.sign_public, now)
+
+
+def test_openssl_accepts_the_certificate_and_the_key():
+    me, now = Identity.generate(), auth.now_ms()
+    cert_pem, key_pem = tls.make_certificate(me, now)
+    if os.path.exists("/usr/bin/openssl"):
+        import subprocess
+        out = subprocess.run(["/usr/bin/openssl", "x509", "-noout", "-text"], input=cert_pem,
+                             capture_output=True, check=True, timeout=30).stdout.decode()
+        assert "Version: 3 (0x2)" in out and "Signature Algorithm: ED25519" in out
+        assert "CN = cabinet node" in out and tls.BINDING_OID in out
+        key_out = subprocess.run(["/usr/bin/openssl", "pkey", "-pubout"], input=key_pem,
+                                 capture_output=True, check=True, timeout=30).stdout
+        cert_key = subprocess.run(["/usr/bin/openssl", "x509", "-noout", "-pubkey"], input=cert_pem,
+                                  capture_output=True, check=True, timeout=30).stdout
+        assert key_out == cert_key
+    # Python's ssl (OpenSSL) loads the pair and refuses a key that is not the certificate's.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tls._key_file(cert_pem + key_pem) as path:
+        context.load_cert_chain(path)
+    _, other_key = tls.make_certificate(me, now)
+    with pytest.raises(ssl.SSLError), tls._key_file(cert_pem + other_key) as path:
+        context.load_cert_chain(path)
+    assert ssl.PEM_cert_to_DER_cert(cert_pem.decode()) == x509.load_pem_x509_certificate(cert_pem).public_bytes(
+        serialization.Encoding.DER)
+
+
+def test_a_running_node_never_loads_cryptography():
+    import subprocess
+    import sys
+    code = ("import sys, time; import node.node, node.transport.tls as tls, node.faces.control_run\n"
+            "from node.core.identity import Identity\n"
+            "me = Identity.generate(); now = int(time.time() * 1000)\n"
+            "server = tls.ServerTLS(me, now); server.renew(now)\n"
+            "tls.check_certificate(server.certificate, me.sign_public, now)\n"
+            "assert 'cryptography' not in sys.modules, sorted(m for m in sys.modules if 'cryptography' in m)\n"
+            "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0 and done.stdout == "ok\n", done.stderr

@@ -113,7 +113,7 @@ def unit_text(spec: UnitSpec) -> str:
         "RestrictRealtime=yes",
         "RestrictSUIDSGID=yes",
         "LockPersonality=yes",
-        # Python, PyNaCl's and cryptography's cffi bindings, SQLite and OpenSSL run with writable
+        # Python, PyNaCl's cffi bindings, SQLite and OpenSSL run with writable
         # memory never made executable (tests/test_service.py runs the node under the kernel's
         # equivalent, prctl PR_SET_MDWE).
         "MemoryDenyWriteExecute=yes",
