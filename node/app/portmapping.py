@@ -7,7 +7,8 @@ Each round it:
   IPv6 addresses (2000::/3, never link-local, unique-local or temporary ones);
 * when port mapping is on (config.port_mapping) and the node listens beyond
   loopback (or a router is named in config.port_mapping_gateway), asks the
-  router for a TCP mapping of its port (PCP, else NAT-PMP), renews it before
+  router for a TCP mapping of its port: PCP, else NAT-PMP, else UPnP IGD (the
+  first that works wins and is remembered until it fails), renews it before
   half its lifetime has passed, learns the public address from the answer;
 * puts what it found in `config.learned` (listed in the descriptor after the
   configured addresses) and calls `on_change` when that changed, so the
@@ -31,10 +32,12 @@ from ..core.errors import CabinetError
 from ..core.portmap import SERVER_PORT, Mapped
 from ..transport import netinfo
 from ..transport.portmap import PortMapper
+from ..transport.upnp import UpnpClient
 from .loop import Loop
 from .ports import Ports
 
 log = logging.getLogger("cabinet.portmapping")
+METHODS = {"pcp": "PCP", "nat-pmp": "NAT-PMP", "upnp": "UPnP IGD"}      # as status and the log name them
 LIFETIME = 7200                 # s asked for (RFC 6886 §3.3 recommends two hours)
 RETRY_AFTER = 300.0             # s before asking a router that failed again
 RESCAN_EVERY = 60.0             # s between looks at the interfaces' IPv6 addresses
@@ -75,6 +78,8 @@ class PortMapping(Loop):
         self.scan_ipv6 = False
         self.mapping = False
         self.mapper: PortMapper | None = None
+        self.upnp: UpnpClient | None = None
+        self.method: str | None = None         # what worked last ("pcp", "nat-pmp", "upnp"): asked first
         self.mapped: Mapped | None = None
         self.renew_at = 0                       # ms (ports.clock)
         self.last_error: str | None = None
@@ -125,31 +130,59 @@ class PortMapping(Loop):
                 gw = await asyncio.to_thread(gateway_of, self.ports.config.port_mapping_gateway)
                 if gw is None:
                     raise CabinetError("no default router to ask")
-                self.mapper = PortMapper(*gw)
+                self.mapper, self.upnp = PortMapper(*gw), UpnpClient(gw[0])
             previous = self.mapped.external_port if self.mapped is not None else 0
-            mapped = await self.mapper.map(self.port, LIFETIME, external_port=previous)
+            mapped = await self._ask(previous)
         except CabinetError as exc:
             if self.last_error != str(exc):
                 log.info("port mapping: %s", exc)
-            self.last_error, self.mapped = str(exc), None
+            self.last_error, self.mapped, self.method = str(exc), None, None
+            if self.upnp is not None:
+                self.upnp.forget()
             self.renew_at = self.ports.clock() + int(RETRY_AFTER * 1000)
             return
         if self.mapped is None or (mapped.external_ip, mapped.external_port) != \
                 (self.mapped.external_ip, self.mapped.external_port):
-            log.info("router %s maps port %d (%s)", mapped.external_ip or "?", mapped.external_port,
-                     mapped.protocol)
-        self.mapped, self.last_error = mapped, None
+            log.info("%s", self._summary(mapped))
+        self.mapped, self.last_error, self.method = mapped, None, mapped.protocol
         # Renew at half the lifetime granted (RFC 6886 §3.3, RFC 6887 §11.2.1), at least a second apart.
         self.renew_at = self.ports.clock() + max(1000, mapped.lifetime * 500)
+
+    async def _ask(self, previous: int) -> Mapped:
+        """The remembered method only, or each in turn (PCP, NAT-PMP, UPnP) until one maps the port."""
+        assert self.mapper is not None and self.upnp is not None
+        first: CabinetError | None = None
+        if self.method in (None, "pcp", "nat-pmp"):
+            try:
+                return await self.mapper.map(self.port, LIFETIME, external_port=previous)
+            except CabinetError as exc:
+                if self.method is not None:
+                    raise
+                first = exc
+        try:
+            return await self.upnp.map(self.port, LIFETIME, external_port=previous if self.method else 0)
+        except CabinetError as exc:
+            if first is None:
+                raise
+            raise CabinetError(f"PCP/NAT-PMP: {first}; UPnP: {exc}") from None
+
+    def _summary(self, m: Mapped) -> str:
+        where = f"{m.external_ip}:{m.external_port}" if m.external_ip else f"port {m.external_port}"
+        permanent = " (permanent: the router accepts no lease)" if self._permanent() else ""
+        hidden = "" if advertisable(m.external_ip) else " (a private address: not advertised)"
+        return f"mapped by {METHODS.get(m.protocol, m.protocol)}: {where}{permanent}{hidden}"
+
+    def _permanent(self) -> bool:
+        return self.method == "upnp" and self.upnp is not None and self.upnp.permanent
 
     async def close(self) -> None:
         """Stop renewing and delete the mapping at the router (a bounded wait)."""
         await self.stop()
         mapped, self.mapped = self.mapped, None
-        if mapped is not None and self.mapper is not None:
+        if mapped is not None and self.mapper is not None and self.upnp is not None:
             try:
                 async with asyncio.timeout(UNMAP_TIMEOUT):
-                    await self.mapper.unmap(mapped)
+                    await (self.upnp if mapped.protocol == "upnp" else self.mapper).unmap(mapped)
             except (CabinetError, TimeoutError) as exc:
                 log.info("port mapping not removed at the router (it expires by itself): %s", exc or "timeout")
         self.ports.config.learned = ()
@@ -157,9 +190,10 @@ class PortMapping(Loop):
     def status(self) -> dict:
         """For `cabinet status`: how the router's door stands (no secret, no patient data here)."""
         m = self.mapped
-        return {"enabled": self.mapping, "state": "mapped" if m else ("failed" if self.last_error else
-                                                                      ("trying" if self.mapping else "off")),
-                "protocol": m.protocol if m else None,
+        state = "mapped" if m else ("failed" if self.last_error else ("trying" if self.mapping else "off"))
+        summary = self._summary(m) if m else (f"not mapped: {self.last_error}" if self.last_error else state)
+        return {"enabled": self.mapping, "state": state, "summary": summary,
+                "protocol": m.protocol if m else None, "permanent": bool(m) and self._permanent(),
                 "gateway": self.mapper.gateway if self.mapper else None,
                 "external_address": m.external_ip if m else None, "external_port": m.external_port if m else None,
                 "lifetime": m.lifetime if m else None, "renew_at": self.renew_at if m else None,

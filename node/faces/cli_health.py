@@ -50,6 +50,8 @@ def print_status(h: dict) -> None:
             print(f"{kind}  {shown(url)}: {shown(r)}")
     if h["lan"] is not None:
         print(f"LAN peers   {len(h['lan'])} ({sum(p['verified'] for p in h['lan'])} verified)")
+    if h.get("port_mapping") is not None:
+        print(f"router      {shown(h['port_mapping']['summary'])}")
     if h["relays"] is not None:
         print(f"relays      " + (", ".join(f"{shown(r['url'])} ({r['registered']} registered)" for r in h["relays"])
                                  or "(none)"))
