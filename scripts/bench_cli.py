@@ -20,6 +20,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import tempfile
 import time
 from pathlib import Path
@@ -71,6 +72,8 @@ def start(data: Path) -> subprocess.Popen:
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if "listening" in line:
+            # read on: a pipe nobody reads fills, and the node then stops at its next log line
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
             return proc
         if not line:
             break

@@ -26,6 +26,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -61,10 +62,19 @@ def introduce(a: Path, b: Path, ida: str, idb: str) -> None:
 def start(data: Path, *extra: str) -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, "-m", "node", "run", "--data", str(data), *extra], cwd=ROOT, env=ENV,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    line = p.stdout.readline()
-    if "listening" not in line:
-        raise SystemExit(f"node did not start: {line}{p.stdout.read()}")
-    return p
+    seen: list[str] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:          # a queued record's log lines may come before "listening"
+        line = p.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if "listening" in line:
+            # read on: a pipe nobody reads fills, and the node then stops at its next log line
+            threading.Thread(target=lambda: [None for _ in p.stdout], daemon=True).start()
+            return p
+    p.kill()
+    raise SystemExit("node did not start:\n" + "".join(seen[-20:]))
 
 
 def stop(p: subprocess.Popen, sig=signal.SIGTERM) -> None:

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -72,10 +73,21 @@ class Demo:
         proc = subprocess.Popen([sys.executable, "-m", "node", "run", "--data", str(self.root / who)],
                                 env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.procs.append(proc)
-        line = proc.stdout.readline()
-        print(f"\n{BOLD}[{who}] $ cabinet run{PLAIN}  (in the background)\n{line.rstrip()}")
-        if "listening" not in line:
-            raise SystemExit("demo: the node did not start:\n" + line + proc.stdout.read())
+        print(f"\n{BOLD}[{who}] $ cabinet run{PLAIN}  (in the background)")
+        seen: list[str] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if "listening" in line:
+                print(line.rstrip())
+                # read on: a pipe nobody reads fills, and the node then stops at its next log line
+                threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+                return
+        proc.kill()
+        raise SystemExit("demo: the node did not start:\n" + "".join(seen[-20:]))
 
     def stop(self) -> None:
         for p in self.procs:
