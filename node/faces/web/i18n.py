@@ -42,6 +42,16 @@ CATALOGUE: dict[str, tuple[str, str]] = {
     "sign_in_button": ("Se connecter", "Sign in"),
     "sign_in_failed": ("Compte ou mot de passe incorrect.", "Wrong account or password."),
     "sign_in_wait": ("Trop d'essais : réessayez dans {s} s.", "Too many attempts: try again in {s} s."),
+    # the page lock (lock.html)
+    "locked_title": ("Session verrouillée", "Session locked"),
+    "locked_text": ("La page s'est verrouillée après un temps sans activité. {who}, saisissez à nouveau "
+                    "votre mot de passe pour reprendre là où vous en étiez.",
+                    "The page locked itself after a while without activity. {who}, type your password "
+                    "again to carry on where you were."),
+    "unlock_button": ("Déverrouiller", "Unlock"),
+    "unlock_failed": ("Mot de passe incorrect.", "Wrong password."),
+    "locked_sign_out": ("Ce n'est pas moi : se déconnecter", "Not me: sign out"),
+    "lock_now": ("Verrouiller", "Lock"),
     "session_over": ("Votre session a expiré : reconnectez-vous.", "Your session has ended: sign in again."),
     # inbox
     "filters": ("Rechercher", "Search"),

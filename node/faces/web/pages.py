@@ -23,9 +23,9 @@ from aiohttp import web
 
 from ...node import (AlreadyExists, AuthenticationFailed, CabinetError, Descriptor, NotFound, Principal, TooLarge,
                      TooManyAttempts, UsageError, contact_state)
-from . import auth, i18n, patients_pages
+from . import auth, i18n, lock, patients_pages
 from .api import PREVIEW, delivery_json
-from .keys import NODE, TLS_ON
+from .keys import NODE
 
 HERE = Path(__file__).parent
 _RECORD_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -89,7 +89,9 @@ def page(handler: PageHandler) -> Callable[[web.Request], Awaitable[web.StreamRe
     """Signed-in pages only (a browser session, not an API token); errors become a page."""
     @functools.wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        who = await auth.principal(request) if "Authorization" not in request.headers else None
+        who, held = await auth.identify(request) if "Authorization" not in request.headers else (None, None)
+        if held is not None:
+            raise web.HTTPSeeOther(auth.lock_url(request))      # locked: the password again, nothing else
         if who is None or who.via != "session":
             raise web.HTTPSeeOther("/login")
         request[auth.WHO] = who
@@ -118,8 +120,9 @@ async def error_page(request: web.Request, who: Principal, exc: CabinetError) ->
 
 
 async def chrome(request: web.Request, who: Principal) -> dict:
-    """What every signed-in page shows: who, the CSRF token, the unread badge."""
-    return {"me": who, "csrf": who.csrf, "unread": await request.app[NODE].unread_count()}
+    """What every signed-in page shows: who, the CSRF token, the unread badge; the lock time for its script."""
+    return {"me": who, "csrf": who.csrf, "unread": await request.app[NODE].unread_count(),
+            "lock_ms": request.app[auth.LOCK].lock_ms}
 
 
 def record_id(request: web.Request) -> str:
@@ -140,15 +143,15 @@ async def login(request: web.Request) -> web.StreamResponse:
     account, password = str(form.get("account", "")), str(form.get("password", ""))
     node, t = request.app[NODE], i18n.translator(lang_of(request))
     try:
-        sid, _ = await node.accounts.sign_in(account, password, request.remote or "?")
+        sid, me = await node.accounts.sign_in(account, password, request.remote or "?")
     except TooManyAttempts as exc:
         return render(request, "login.html", {"message": t("sign_in_wait", s=-(-exc.retry_after_ms // 1000)),
                                               "account": account}, status=429)
     except (AuthenticationFailed, UsageError):
         return render(request, "login.html", {"message": t("sign_in_failed"), "account": account}, status=401)
+    request.app[auth.LOCK].seen(sid, me)
     resp = web.HTTPSeeOther("/inbox")
-    resp.set_cookie(auth.cookie_name(request.app), sid, path="/", httponly=True, samesite="Strict",
-                    secure=request.app[TLS_ON], max_age=node.accounts.absolute_ms // 1000)
+    auth.set_session_cookie(resp, request, sid)
     raise resp
 
 
@@ -376,6 +379,7 @@ PAGES: list[tuple[str, str, Callable]] = [
     ("GET", "/contacts", contacts), ("POST", "/contacts/search", directory), ("POST", "/contacts/add", add_contact),
     ("GET", "/contacts/{node_id}", contact), ("POST", "/contacts/{node_id}/{action}", contact_action),
     ("GET", "/status", status), ("GET", "/status/audit-head", audit_head),
+    *lock.ROUTES,                        # /lock: its own session checks (lock.py)
 ]
 
 
@@ -383,6 +387,8 @@ def mount(app: web.Application) -> None:
     """Add the pages and /static/ to the API's app; templates are autoescaped (HTML and XML)."""
     ui = SimpleNamespace(page=page, render=render, chrome=chrome, lang_of=lang_of, contact_row=contact_row,
                          record_id=record_id)
+    app[auth.LOCK] = auth.SessionLock(app[NODE].accounts)
+    app[lock.RENDER] = render
     for method, path, handler in PAGES + patients_pages.routes(ui):
         app.router.add_route(method, path, handler)
     app.router.add_static("/static/", HERE / "static", append_version=False)

@@ -1,9 +1,11 @@
 /* Cabinet: what every signed-in page does. The live event stream (/api/events), the unread badge,
    the browser notification (asked for on a click only), and a "cabinet:event" DOM event for the
-   page's own script. Events carry IDs and states only, never patient data. */
+   page's own script. Events carry IDs and states only, never patient data.
+   The page lock: after body[data-lock-ms] without input, the page empties itself and goes to /lock
+   (the server locks the session on its own too; input tells it the practitioner is still there). */
 "use strict";
 (function () {
-  const cabinet = window.cabinet = { events: [], notified: 0, received: 0 };
+  const cabinet = window.cabinet = { events: [], notified: 0, received: 0, busy: 0 };
   const badge = document.getElementById("badge");
   const labels = document.getElementById("labels");
 
@@ -108,6 +110,56 @@
     if (reason && state !== "queued" && state !== "refused") reason.textContent = "";
   };
 
+  function pageLock() {
+    const limit = Number(document.body.dataset.lockMs || 0);
+    if (!(limit > 0)) return;
+    const every = Math.min(60000, Math.max(1000, limit / 3));     // "still here", told to the server
+    let last = Date.now(), told = last, locked = false;
+
+    function lockNow() {
+      if (locked) return;
+      locked = true;
+      if (cabinet.source) cabinet.source.close();
+      const back = window.location.pathname + window.location.search;
+      document.title = "";
+      document.body.replaceChildren();        // nothing of the patient stays on screen or in the DOM
+      document.body.dataset.locked = "on";
+      const go = function () {            // an upload under way (cabinet.busy > 0, send.js) finishes first
+        if (cabinet.busy > 0) { window.setTimeout(go, 500); return; }
+        window.location.replace("/lock?next=" + encodeURIComponent(back));
+      };
+      go();
+    }
+
+    function tell() {
+      told = Date.now();
+      fetch("/api/session", { credentials: "same-origin", cache: "no-store" })
+        .then(function (r) { if (r.status === 401) lockNow(); })
+        .catch(function () {});
+    }
+
+    function input() {
+      if (locked) return;
+      const now = Date.now();
+      if (now - last >= limit) { lockNow(); return; }     // input after the lock time does not undo it
+      last = now;
+      if (now - told >= every) tell();
+    }
+
+    function check() {
+      if (!locked && Date.now() - last >= limit) lockNow();
+    }
+
+    ["keydown", "pointerdown", "pointermove", "wheel", "touchstart", "input", "scroll"].forEach(function (type) {
+      window.addEventListener(type, input, { capture: true, passive: true });
+    });
+    document.addEventListener("visibilitychange", check);
+    window.addEventListener("pageshow", check);
+    window.setInterval(check, Math.min(1000, Math.max(100, limit / 10)));
+    cabinet.lockNow = lockNow;
+  }
+
+  pageLock();
   setupNotifyButton();
   listen();
   outboxPage();

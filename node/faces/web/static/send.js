@@ -220,6 +220,8 @@
       button.disabled = false;
       say(form.dataset.fail.replace("{why}", "network"), true);
     });
+    cabinet.busy += 1;                   // the page lock (app.js) lets a running upload finish first
+    xhr.addEventListener("loadend", function () { cabinet.busy -= 1; });
     xhr.send(body());
   });
 })();
