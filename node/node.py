@@ -43,6 +43,7 @@ from .app.serving import DeliveryEndpoints
 from .config import Config, default_data_dir, parse_listen, prepare_folder
 from .core import card as cards
 from .core import consent
+from .core.crypto import keyed_hash
 from .core.card import Card
 from .core.directory import Found
 from .core.envelope import MAX_ATTACHMENT, MAX_ATTACHMENTS, Attachment
@@ -479,6 +480,18 @@ class Node:
         await self.accounts.audit(who, "contact-added-by", peer=contact["node_id"], status=status)
         return contact, status
 
+    def seal_secret(self, purpose: str, secret: bytes) -> bytes:
+        """A small local secret (the web certificate key's password) sealed under a key derived from
+        the storage key for `purpose`: the data folder alone does not open it."""
+        return records.seal_meta(self._purpose_key(purpose), {"secret": secret})
+
+    def open_secret(self, purpose: str, sealed: bytes) -> bytes:
+        """What `seal_secret` sealed; CorruptStore (a StoreError) when it does not open."""
+        return bytes(records.open_meta(self._purpose_key(purpose), sealed).get("secret", b""))
+
+    def _purpose_key(self, purpose: str) -> bytes:
+        return keyed_hash(self._secrets.storage_key, b"cabinet/local-secret/" + purpose.encode())
+
     async def record_size(self, record_id: str) -> int | None:
         rows = await self.store.call(lambda db: db.conn.execute(
             "SELECT body_size FROM records WHERE id = ?", (record_id,)).fetchone())
@@ -689,9 +702,11 @@ class Node:
                if self.discovery.lan is not None else None)
         relays = ([dict(url=r.url, registered=r.registered, last_error=r.last_error)
                    for r in self.reachability.status()] if self._lock_fd is not None else None)
-        return await gather(self.ports, alerts, base=await self.status(), running=running,
-                            in_process=self._lock_fd is not None, lan=lan, relays=relays,
-                            reach=self._check_reach if check_reach else None)
+        h = await gather(self.ports, alerts, base=await self.status(), running=running,
+                         in_process=self._lock_fd is not None, lan=lan, relays=relays,
+                         reach=self._check_reach if check_reach else None)
+        h["port_mapping"] = self.port_mapping_status() if self._lock_fd is not None else None
+        return h
 
     async def _check_reach(self) -> dict:
         """Our descriptor fetched from each advertised address, and looked up at each bootstrap."""
@@ -735,7 +750,8 @@ class Node:
         """How the router's door stands: protocol, external address and port, lifetime, last error,
         and the global IPv6 addresses found (for `cabinet status`)."""
         if self._portmap is None:
-            return {"enabled": False, "state": "off" if not self.config.port_mapping else "not serving",
+            state = "off" if not self.config.port_mapping else "not serving"
+            return {"enabled": False, "state": state, "summary": state, "permanent": False,
                     "protocol": None, "gateway": None, "external_address": None, "external_port": None,
                     "lifetime": None, "renew_at": None, "last_error": None, "ipv6": []}
         return self._portmap.status()

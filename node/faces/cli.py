@@ -108,6 +108,11 @@ async def cmd_run(a) -> int:
     return await run(a)
 
 
+async def cmd_web_cert(a) -> int:
+    from .web.cert import command
+    return await command(a)
+
+
 def _show_id(a, d: dict) -> int:
     if a.export:
         Path(a.export).write_text(d["text"] + "\n", encoding="utf-8")
@@ -528,13 +533,20 @@ def build_parser(full: bool = True) -> argparse.ArgumentParser:
                     help="a blind relay to be reached through when nothing else works, relay+tcp://HOST:PORT "
                          "(repeatable, kept in the config)")
     sp.add_argument("--web", metavar="HOST:PORT", help=f"where the web app and local API listen (default {DEFAULT_WEB}; "
-                                                      "beyond this computer only with --web-cert and --web-key)")
+                                                      "beyond this computer over TLS: the node's own certificate, or --web-cert/--web-key)")
+    sp.add_argument("--web-lock-minutes", type=float, metavar="N",
+                    help="lock the web page after N minutes without activity (0: never; default 5)")
     sp.add_argument("--web-cert", metavar="FILE", help="TLS certificate (PEM) for the web app")
     sp.add_argument("--web-key", metavar="FILE", help="its private key (PEM)")
     sp.add_argument("--no-web", action="store_true", help="do not serve the web app and local API")
     sp.add_argument("--locked", action="store_true",
                     help="start locked: the passphrase is asked once, in the web app (also the default with "
                          "no $CABINET_PASSPHRASE and no terminal)")
+    sp = add("web-cert", cmd_web_cert, "the web app's own TLS certificate: fingerprint, validity, names")
+    sp.add_argument("--renew", action="store_true", help="make a new key and certificate now (asks the passphrase)")
+    sp.add_argument("--web", metavar="HOST:PORT", help="with --renew: where 'cabinet run --web' listens (default: as before)")
+    sp.add_argument("--export", metavar="FILE",
+                    help="write the certificate (never its key) to FILE, to install as trusted on the practice's PCs")
     sp = add("id", cmd_id, "print the node ID and the signed descriptor")
     sp.add_argument("--export", metavar="FILE", help="write the descriptor to FILE")
     sp.add_argument("--text", action="store_true", help="print the descriptor text even with --export")
@@ -620,8 +632,8 @@ def build_parser(full: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-OWN = {"init", "run", "id", "contact", "directory", "peers", "send", "reply", "outbox", "inbox", "show", "thread",
-       "export"}                   # audit and keys have subcommands elsewhere too: full parser
+OWN = {"init", "run", "web-cert", "id", "contact", "directory", "peers", "send", "reply", "outbox", "inbox", "show",
+       "thread", "export"}                   # audit and keys have subcommands elsewhere too: full parser
 
 
 def _command_word(argv: list[str]) -> str | None:

@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 from . import control
-from .web.server import PortInUse, start_web
+from .web import cert as webcert
+from .web import lock
+from .web.server import PortInUse, is_loopback, start_web
 from .web.unlock import start_unlock
 from ..node import Node, UsageError, parse_listen, valid_address
 
@@ -64,6 +66,10 @@ async def _wait_unlocked(a, stop: asyncio.Event) -> Node | None:
     if not (Path(a.data) / "keys.cabinet").is_file():
         raise UsageError(f"no cabinet node in {a.data}: 'cabinet init' makes one")
     host, port = parse_listen(a.web or DEFAULT_WEB)
+    if _tls(a) is None and not is_loopback(host):
+        raise UsageError("a locked node cannot serve its own web certificate before it is unlocked (the "
+                         "certificate's key opens only with the passphrase): unlock it on this computer "
+                         "(--web 127.0.0.1:PORT, or through ssh -L), or give --web-cert FILE and --web-key FILE")
     try:
         page = await start_unlock(a.data, host, port, tls=_tls(a))
     except PortInUse:
@@ -102,9 +108,12 @@ async def _serve(a, node: Node, stop: asyncio.Event) -> None:
     await ctl.start()
     where = f"listening on https://{host}:{port}" if port else "not listening (delivering and pulling only)"
     print(f"cabinet node {node.node_id} ({node.config.name}) {where}", flush=True)
-    web = None if a.no_web else await _start_web(node, a)
+    web, own = (None, None) if a.no_web else await _start_web(node, a)
     if web is not None:
         print(f"web app and local API on {web.url}  ('cabinet user add NAME' makes an account)", flush=True)
+    if web is not None and own is not None:
+        print(f"web certificate SHA-256 fingerprint {own.sha256}  (compare it with the one the browser shows; "
+              f"names: {', '.join(own.dns + own.ips)}; 'cabinet web-cert' prints it again)", flush=True)
     try:
         await stop.wait()
         print("stopping...", flush=True)
@@ -125,13 +134,19 @@ async def _start_web(node: Node, a):
     """The web app on --web HOST:PORT (default 127.0.0.1:7480); if the default port is taken (a second
     node on this computer), any free port, said so."""
     host, port = parse_listen(a.web or DEFAULT_WEB)
-    tls = _tls(a)
+    tls, own = _tls(a), None
+    if tls is None and not is_loopback(host):       # beyond loopback: the node's own certificate (web/cert.py)
+        own = await webcert.ensure(node, host)
+        tls = own.context
+    names = own.hosts if own is not None else ()
     try:
-        return await start_web(node, host, port, tls=tls)
+        web = await start_web(node, host, port, tls=tls, names=names)
     except PortInUse:
         if a.web:
             raise
-        web = await start_web(node, host, 0, tls=tls)
+        web = await start_web(node, host, 0, tls=tls, names=names)
         print(f"note: {DEFAULT_WEB} is taken (another node on this computer?); web app on port {web.port}",
               file=sys.stderr, flush=True)
-        return web
+    # --web-lock-minutes N: the page locks after N minutes without activity (0: never; default 5)
+    lock.configure(web.runner.app, a.web_lock_minutes)
+    return web, own

@@ -148,14 +148,16 @@ def host_names(host: str, port: int, extra: Sequence[str] = ()) -> set[str]:
     return names
 
 
-def tls_context(tls: ssl.SSLContext | tuple[str | Path, str | Path] | None) -> ssl.SSLContext | None:
+def tls_context(tls: ssl.SSLContext | tuple[str | Path, str | Path] | None, *,
+                password: bytes | None = None) -> ssl.SSLContext | None:
+    """`tls` as an SSLContext; `password` opens an encrypted key (the node's own web certificate, cert.py)."""
     if tls is None or isinstance(tls, ssl.SSLContext):
         return tls
     cert, key = tls
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        ctx.load_cert_chain(str(cert), str(key))
+        ctx.load_cert_chain(str(cert), str(key), password=password)
     except (OSError, ssl.SSLError) as exc:
         raise UsageError(f"cannot use the web certificate {Path(cert).name} and key {Path(key).name}: {exc}") from None
     return ctx
