@@ -10,6 +10,10 @@ before any request byte is written: the certificate must be bound to the
 identity key pinned for the contact (tls.IdentityPin). An impostor there is
 AuthenticationFailed, like an answer not signed by the contact. http://
 addresses (descriptors made before TLS) are still called over plain HTTP.
+
+A local address listed in `carried` (relayed.Tunnels' tunnel addresses) is not
+connected to: its dialer opens the connection (through a relay) and hands back
+the socket, and TLS, the pin and the requests run over it as over any other.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import aiohttp
 
@@ -32,6 +37,10 @@ MAX_ANSWER = 10 << 20          # an outbox answer carries up to 8 MiB of small r
 CONNECT_TIMEOUT = 10
 READ_TIMEOUT = 120
 RESUME_PROBE = 1 << 20          # bodies larger than this start with a status query
+
+# (host, port) -> a dialer that opens that address's connection some other way (relayed.Tunnels);
+# an OSError from it is a connection that failed, and the next address is tried.
+carried: dict[tuple[str, int], Callable[[], Awaitable[socket.socket]]] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +67,31 @@ def map_exceptions(address: str):
         raise PeerUnreachable(f"transfer to {address} failed ({exc.__class__.__name__})") from None
 
 
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's connector, with the `carried` addresses dialed by their dialer. aiohttp runs TLS
+    over the socket; the pin (tls.IdentityPin) is checked here first, as aiohttp would after us:
+    on a mismatch aiohttp looks for the socket's peer (the relay) among the tunnel's addresses."""
+
+    async def _wrap_create_connection(self, *args: Any, addr_infos: Any, req: Any, timeout: Any,
+                                      client_error: type[Exception] = aiohttp.ClientConnectorError, **kwargs: Any):
+        dial = carried.get((req.url.raw_host, req.port))
+        if dial is None:
+            return await super()._wrap_create_connection(*args, addr_infos=addr_infos, req=req, timeout=timeout,
+                                                         client_error=client_error, **kwargs)
+        try:
+            sock = await dial()
+            transport, protocol = await self._loop.create_connection(*args, **kwargs, sock=sock)
+        except OSError as exc:
+            raise client_error(req.connection_key, exc) from exc
+        if isinstance(req.ssl, aiohttp.Fingerprint):
+            try:
+                req.ssl.check(transport)
+            except aiohttp.ServerFingerprintMismatch:
+                transport.close()
+                raise
+        return transport, protocol
+
+
 class Client:
     def __init__(self, identity: Identity) -> None:
         self.identity = identity
@@ -77,7 +111,7 @@ class Client:
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
             timeout = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT)
-            self._session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
+            self._session = aiohttp.ClientSession(connector=_Connector(), timeout=timeout, auto_decompress=False)
         return self._session
 
     async def close(self) -> None:

@@ -2,15 +2,19 @@
 
 `Registrar` (the node that cannot be reached) keeps a few connections open to
 each configured relay, each registered with a signed Hello that lists the
-contacts it accepts. When the relay joins a caller to one of them, the
-connection is handed to the node's own TLS server through a loopback hop
-(127.0.0.1:<its port>), and a fresh registration takes its place.
+contacts it accepts. When the relay joins a caller to one of them, the socket
+itself is handed to the node's own TLS server (server.Server.adopt), as if its
+listener had accepted it, and a fresh registration takes its place.
 
-`Tunnels` (the caller) gives each (relay, node) pair a local forwarder on
-127.0.0.1: every connection made to it is carried through the relay with a
-signed Connect. The existing client, TLS pin and request signatures run
-unchanged over it, so whatever the relay does to the bytes is caught where a
+`Tunnels` (the caller) gives each (relay, node) pair a local address,
+https://127.0.0.1:<port>: the client dials it through the relay with a signed
+Connect (client.carried) and runs TLS, its pin and the signed requests over
+that socket, unchanged. Whatever the relay does to the bytes is caught where a
 network attacker's tampering is caught today.
+
+Handshake frames are read exactly (no byte past them), so the TLS bytes that
+follow stay in the socket for whoever takes it over: no Python copies any byte
+of a session on either node, only the relay does.
 """
 
 from __future__ import annotations
@@ -28,49 +32,58 @@ from typing import Awaitable, Callable
 from ..core import relaywire
 from ..core.errors import CabinetError, RemoteProtocolError
 from ..core.identity import Identity, parse_node_id, valid_relay_address
+from . import client, server
 from .auth import now_ms as wall_ms
 
 log = logging.getLogger("cabinet.relay")
-CHUNK = 256 * 1024
 CONNECT_TIMEOUT = 10.0
 SILENCE = 150.0              # a registration that hears nothing (not even a ping) for this long is renewed
 MAX_TUNNELS = 64
 MAX_HANDOFFS = 32            # relayed sessions being served at once
+LINGER = 5.0                 # seconds a served session's end waits for the caller's end
 
 
-async def _read_frame(reader: asyncio.StreamReader, timeout: float) -> dict:
-    async def read() -> dict:
-        n = relaywire.frame_length(await reader.readexactly(4))
-        return relaywire.decode(await reader.readexactly(n))
-    return await asyncio.wait_for(read(), timeout)
-
-
-async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-    try:
-        while piece := await src.read(CHUNK):
-            dst.write(piece)
-            await dst.drain()
-        if dst.can_write_eof():
-            dst.write_eof()
-    except (ConnectionError, OSError):
-        dst.transport.abort()
-
-
-async def join(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-               b: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
-    """Forward both ways until both ends close; memory bounded by the streams' limits."""
-    for _, w in (a, b):
-        w.transport.set_write_buffer_limits(high=512 * 1024)
-    try:
-        await asyncio.gather(_pipe(a[0], b[1]), _pipe(b[0], a[1]))
-    finally:
-        for _, w in (a, b):
-            w.close()
-
-
-async def _open(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _open(url: str) -> socket.socket:
+    """A connected non-blocking socket to the relay (its first address that answers)."""
     host, port = relaywire.parse_relay_url(url)
-    return await asyncio.wait_for(asyncio.open_connection(host, port, limit=CHUNK), CONNECT_TIMEOUT)
+    loop = asyncio.get_running_loop()
+
+    async def connect() -> socket.socket:
+        last: OSError = OSError(f"no address for {host}")
+        for family, kind, proto, _, addr in await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+            sock = socket.socket(family, kind, proto)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, addr)
+                return sock
+            except OSError as exc:
+                sock.close()
+                last = exc
+            except BaseException:
+                sock.close()
+                raise
+        raise last
+    async with asyncio.timeout(CONNECT_TIMEOUT):     # not wait_for: on 3.11 it can swallow a cancel (a node that never stops)
+        return await connect()
+
+
+async def _read_exactly(sock: socket.socket, n: int) -> bytes:
+    loop, got = asyncio.get_running_loop(), bytearray()
+    while len(got) < n:
+        piece = await loop.sock_recv(sock, n - len(got))
+        if not piece:
+            raise asyncio.IncompleteReadError(bytes(got), n)
+        got += piece
+    return bytes(got)
+
+
+async def _read_frame(sock: socket.socket, timeout: float) -> dict:
+    """One handshake frame and not a byte more: what follows belongs to TLS."""
+    async def read() -> dict:
+        n = relaywire.frame_length(await _read_exactly(sock, 4))
+        return relaywire.decode(await _read_exactly(sock, n))
+    async with asyncio.timeout(timeout):             # not wait_for: on 3.11 it can swallow a cancel (a node that never stops)
+        return await read()
 
 
 @dataclass
@@ -97,7 +110,7 @@ class Registrar:
         self._tasks: list[asyncio.Task] = []
         self._handoffs: set[asyncio.Task] = set()
         self._slots = asyncio.Semaphore(MAX_HANDOFFS)
-        self._waiting: set[asyncio.StreamWriter] = set()
+        self._waiting: set[socket.socket] = set()
 
     def start(self) -> None:
         for url in self.relays:
@@ -114,8 +127,9 @@ class Registrar:
 
     def renew(self) -> None:
         """Re-register (the accept list changed): waiting connections close and reopen at once."""
-        for w in list(self._waiting):
-            w.transport.abort()
+        for sock in list(self._waiting):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)     # its read ends at once; _register_once closes it
 
     async def _keep(self, url: str) -> None:
         backoff = 1.0
@@ -133,16 +147,15 @@ class Registrar:
         """One registration, until a caller comes (True) or it ends (False or an error)."""
         await self._slots.acquire()                # no registration while every serving slot is taken
         self._slots.release()
-        reader, writer = await _open(url)
+        sock = await _open(url)
         registered = False
-        self._waiting.add(writer)
+        self._waiting.add(sock)
         try:
             hello = relaywire.Hello.make(self.identity(), relay=url, accept=await self.accept(), now_ms=self.now(),
                                          nonce=os.urandom(16))
-            writer.write(hello.to_frame())
-            await writer.drain()
+            await asyncio.get_running_loop().sock_sendall(sock, hello.to_frame())
             while True:
-                msg = await _read_frame(reader, SILENCE)
+                msg = await _read_frame(sock, SILENCE)
                 if msg["t"] == "ok" and not registered:
                     registered = True
                     self.state[url].registered += 1
@@ -152,100 +165,93 @@ class Registrar:
                 elif msg["t"] != "ping":
                     raise RemoteProtocolError("unexpected frame from the relay")
         except BaseException:
-            writer.transport.abort()
+            sock.close()
             raise
         finally:
-            self._waiting.discard(writer)
+            self._waiting.discard(sock)
             if registered:
                 self.state[url].registered -= 1
-        task = asyncio.create_task(self._serve(url, reader, writer))
+        task = asyncio.create_task(self._serve(url, sock))
         self._handoffs.add(task)
         task.add_done_callback(self._handoffs.discard)
         return True
 
-    async def _serve(self, url: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Hand a joined connection to the node's own server, through 127.0.0.1."""
+    async def _serve(self, url: str, sock: socket.socket) -> None:
+        """Hand a joined connection to the node's own server, which serves it as one it accepted."""
         async with self._slots:
             self.state[url].sessions += 1
             try:
-                local = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.local_port, limit=CHUNK),
-                                               CONNECT_TIMEOUT)
-                await join((reader, writer), local)
-            except (OSError, asyncio.TimeoutError):
-                writer.transport.abort()
+                own = server.serving_on(self.local_port)
+                if own is not None:
+                    with contextlib.suppress(OSError, EOFError):     # refused by its TLS (a replayed session), reset
+                        await own.adopt(sock.dup())
+                await _end(sock)
             finally:
+                sock.close()
                 self.state[url].sessions -= 1
 
 
 class Tunnels:
-    """Local forwarders, one per (relay, node): https://127.0.0.1:<port> reaches the node via the relay."""
+    """Local tunnel addresses, one per (relay, node): https://127.0.0.1:<port> reaches the node via the relay."""
 
     def __init__(self, *, identity: Callable[[], Identity], now: Callable[[], int] = wall_ms) -> None:
         self.identity, self.now = identity, now
-        self._open: OrderedDict[tuple[str, str], tuple[asyncio.AbstractServer | None, int, asyncio.Task | None]] = \
-            OrderedDict()
-        self._conns: set[asyncio.Task] = set()
+        self._open: OrderedDict[tuple[str, str], socket.socket] = OrderedDict()     # each holds its port
 
     def address(self, relay: str, node_id: str) -> str:
         """The local address that reaches `node_id` through `relay` (made at the first call)."""
         key = (relaywire.audience(relay), node_id)
         if key in self._open:
             self._open.move_to_end(key)
-            return f"https://127.0.0.1:{self._open[key][1]}"
+            return f"https://127.0.0.1:{self._open[key].getsockname()[1]}"
         while len(self._open) >= MAX_TUNNELS:
-            _, (server, _, task) = self._open.popitem(last=False)
-            if server is not None:
-                server.close()
-            if task is not None:
-                task.cancel()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(64)                          # connections queue here until the server below runs
-        sock.setblocking(False)
-        port = sock.getsockname()[1]
+            _release(self._open.popitem(last=False)[1])
+        held = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        held.bind(("127.0.0.1", 0))         # bound, never listening: the port is ours, a stray connect is refused
+        port = held.getsockname()[1]
         to = parse_node_id(node_id)
-        self._open[key] = (None, port, None)
-
-        async def serve() -> None:
-            server = await asyncio.start_server(lambda r, w: self._forward(relay, to, r, w), sock=sock,
-                                                limit=CHUNK)
-            if key in self._open:
-                self._open[key] = (server, port, None)
-            else:
-                server.close()
-        self._open[key] = (None, port, asyncio.get_running_loop().create_task(serve()))
+        client.carried[("127.0.0.1", port)] = lambda: self._dial(relay, to)
+        self._open[key] = held
         return f"https://127.0.0.1:{port}"
 
-    async def _forward(self, relay: str, to: bytes, reader: asyncio.StreamReader,
-                       writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._conns.add(task)
+    async def _dial(self, relay: str, to: bytes) -> socket.socket:
+        """A socket joined to `to` through `relay`; refused or unreachable is an OSError (the client
+        then tries the contact's next address)."""
+        sock = await _open(relay)
         try:
-            far = await _open(relay)
             req = relaywire.Connect.make(self.identity(), relay=relay, to=to, now_ms=self.now(), nonce=os.urandom(16))
-            far[1].write(req.to_frame())
-            msg = await _read_frame(far[0], CONNECT_TIMEOUT + 5)
+            await asyncio.get_running_loop().sock_sendall(sock, req.to_frame())
+            msg = await _read_frame(sock, CONNECT_TIMEOUT + 5)
             if msg["t"] != "ok":
                 raise RemoteProtocolError("the relay did not join us")
-            await join(far, (reader, writer))
-        except (CabinetError, asyncio.TimeoutError, asyncio.IncompleteReadError, OSError):
-            writer.transport.abort()            # the client sees a dropped connection: tries the next address
-        except asyncio.CancelledError:
-            writer.transport.abort()            # closing: asyncio's stream callback must not see the cancel
-        finally:
-            if task is not None:
-                self._conns.discard(task)
+        except (CabinetError, EOFError):
+            sock.close()
+            raise ConnectionRefusedError("the relay did not join us") from None
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     async def close(self) -> None:
-        for server, _, task in self._open.values():
-            if server is not None:
-                server.close()
-            if task is not None:
-                task.cancel()
-        self._open.clear()
-        for t in list(self._conns):
-            t.cancel()
+        while self._open:
+            _release(self._open.popitem()[1])
+
+
+def _release(held: socket.socket) -> None:
+    client.carried.pop(("127.0.0.1", held.getsockname()[1]), None)
+    held.close()
+
+
+async def _end(sock: socket.socket) -> None:
+    """End a served session in order. The server closed its copy of the socket, perhaps with the
+    caller's bytes unread (a TLS error): closing now would send a reset, which a relay may not pass
+    on as an end. So: our end first (FIN), then drop what still comes, briefly."""
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(OSError):                  # TimeoutError included
+        sock.shutdown(socket.SHUT_WR)
+        async with asyncio.timeout(LINGER):
+            while await loop.sock_recv(sock, 1 << 16):
+                pass
 
 
 def _reason(exc: BaseException) -> str:

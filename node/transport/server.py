@@ -31,6 +31,7 @@ import asyncio
 import errno
 import logging
 import re
+import socket
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Protocol, Sequence, overload
 
@@ -379,6 +380,27 @@ def make_app(handler: Handler, routes: Sequence[Callable[[web.Application], None
     return app
 
 
+_SERVING: dict[int, Server] = {}    # port -> the running Server on it (relayed.Registrar hands it connections)
+
+
+def serving_on(port: int) -> Server | None:
+    """The Server of this process listening on `port`, if any."""
+    return _SERVING.get(port)
+
+
+class _Adopted(door.GatedHandler):
+    """A GatedHandler that says when its connection has ended (Server.adopt waits for it)."""
+
+    def __init__(self, manager, *, ended: asyncio.Future, **kwargs) -> None:
+        super().__init__(manager, **kwargs)
+        self._ended = ended
+
+    def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)
+        if not self._ended.done():
+            self._ended.set_result(None)
+
+
 def bind_hosts(host: str) -> list[str]:
     """Where to bind for a listen host: every interface means IPv4 and IPv6 both (dual stack, two
     sockets on one port); a named address (127.0.0.1, ::1, 192.168.1.20) means that one only."""
@@ -391,6 +413,8 @@ class Server:
 
     Connections go through a door.ConnectionGate (per source address and in total, within
     the open-file limit raised at start); idle ones and incomplete headers time out.
+    `adopt(sock)` serves a connection that arrived another way (a relay's, relayed.Registrar)
+    the same way; `serving_on(port)` finds the Server for it.
     """
 
     def __init__(self, handler: Handler, host: str, port: int, *, per_source: int = door.PER_SOURCE,
@@ -401,6 +425,7 @@ class Server:
         self.tls = tls
         self._listeners: list[asyncio.Server] = []
         self._tasks: list[asyncio.Task] = []
+        self._handler_args: dict = {}
 
     @property
     def scheme(self) -> str:
@@ -420,10 +445,11 @@ class Server:
         self._app[GATE] = gate = door.ConnectionGate(self._per_source, door.raise_file_limit(), refusals.note)
         await self._runner.setup()
         loop, manager, http_log = asyncio.get_running_loop(), self._runner.server, door.HttpLog(refusals, log)
+        self._handler_args = dict(gate=gate, loop=loop, keepalive_timeout=KEEPALIVE_TIMEOUT, lingering_time=1.0,
+                                  access_log=None, logger=http_log, max_headers=64)
 
         def connection() -> door.GatedHandler:
-            return door.GatedHandler(manager, gate=gate, loop=loop, keepalive_timeout=KEEPALIVE_TIMEOUT,
-                                     lingering_time=1.0, access_log=None, logger=http_log, max_headers=64)
+            return door.GatedHandler(manager, **self._handler_args)
         context = self.tls.context if self.tls is not None else None
 
         async def listen(host: str, port: int) -> asyncio.Server:
@@ -446,9 +472,24 @@ class Server:
                     await self.stop()
                     raise UsageError(f"cannot listen on [{host}]:{self.port}: {exc.strerror or exc}") from None
                 log.info("no IPv6 on this machine (%s): listening on IPv4 only", exc.strerror or exc)
+        _SERVING[self.port] = self
         self._tasks = [asyncio.create_task(self._summarise(refusals))]
         if self.tls is not None:
             self._tasks.append(asyncio.create_task(self._renew(self.tls)))
+
+    async def adopt(self, sock: socket.socket) -> None:
+        """Serve a connection that came another way (a relay's joined connection, with nothing of the
+        caller's bytes read yet) exactly as a listener's, TLS and gate included; return when it ends."""
+        loop = asyncio.get_running_loop()
+        ended = loop.create_future()
+        context = self.tls.context if self.tls is not None else None
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: _Adopted(self._runner.server, ended=ended, **self._handler_args), sock, ssl=context,
+            ssl_handshake_timeout=_tls.HANDSHAKE_TIMEOUT if context is not None else None)
+        try:
+            await ended
+        finally:
+            transport.abort()               # already closed, or the caller gave up (cancelled)
 
     async def _summarise(self, refusals: logsetup.RefusalSummary) -> None:
         while True:
@@ -463,6 +504,8 @@ class Server:
             server_tls.renew(auth.now_ms(), self._app[HANDLER].identity)
 
     async def stop(self) -> None:
+        if _SERVING.get(self.port) is self:
+            del _SERVING[self.port]
         for task in self._tasks:
             task.cancel()
         self._tasks = []
