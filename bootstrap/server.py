@@ -184,8 +184,9 @@ async def get_sync(request: web.Request) -> web.Response:
     if page.last == since and wait and not changes.closing:
         # Long poll: nothing new yet, so hold the request until something is stored (or `wait` passes).
         try:
-            await asyncio.wait_for(event.wait(), wait)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(wait):          # not wait_for: on 3.11 it can swallow a cancel
+                await event.wait()
+        except TimeoutError:
             pass
         page = await store.read(storage.changes, since, limit, now_ms())
     return answer(SyncPage(db=store.db_id, items=page.items, last=page.last, more=page.more).to_wire())

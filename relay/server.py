@@ -167,7 +167,8 @@ class Relay:
             self.refused += 1
             return
         try:
-            msg = await asyncio.wait_for(self._read_frame(reader), self.limits.handshake_timeout)
+            async with asyncio.timeout(self.limits.handshake_timeout):      # not wait_for: it can swallow a cancel
+                msg = await self._read_frame(reader)
             now = self.clock()
             if msg["t"] == "hello":
                 hello = relaywire.Hello.from_msg(msg, audiences=self.audiences, now_ms=now)
@@ -216,7 +217,8 @@ class Relay:
                 if reg.taken in done or eof in done:
                     break
                 conn.writer.write(relaywire.ping())
-                await asyncio.wait_for(conn.writer.drain(), self.limits.handshake_timeout)
+                async with asyncio.timeout(self.limits.handshake_timeout):
+                    await conn.writer.drain()
         finally:
             self._unlist(reg)
             eof.cancel()
@@ -268,8 +270,9 @@ class Relay:
                 left = deadline - asyncio.get_running_loop().time()
                 if left <= 0:
                     return
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(event.wait(), left)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(left):
+                        await event.wait()
         finally:
             self.pending -= 1
             left_for = self._pending_for[req.to] - 1

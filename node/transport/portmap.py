@@ -69,7 +69,8 @@ class PortMapper:
                 deadline = loop.time() + wait
                 while (left := deadline - loop.time()) > 0:
                     try:
-                        got = await asyncio.wait_for(proto.answers.get(), left)
+                        async with asyncio.timeout(left):
+                            got = await proto.answers.get()
                     except TimeoutError:
                         break
                     if isinstance(got, Exception):

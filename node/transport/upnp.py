@@ -79,7 +79,8 @@ class UpnpClient:
                 deadline = loop.time() + wait
                 while (left := deadline - loop.time()) > 0:
                     try:
-                        data, sender = await asyncio.wait_for(proto.queue.get(), left)
+                        async with asyncio.timeout(left):
+                            data, sender = await proto.queue.get()
                     except TimeoutError:
                         break
                     if not _same_host(sender, self.gateway):
