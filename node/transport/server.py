@@ -445,11 +445,11 @@ class Server:
         self._app[GATE] = gate = door.ConnectionGate(self._per_source, door.raise_file_limit(), refusals.note)
         await self._runner.setup()
         loop, manager, http_log = asyncio.get_running_loop(), self._runner.server, door.HttpLog(refusals, log)
-        self._handler_args = dict(gate=gate, loop=loop, keepalive_timeout=KEEPALIVE_TIMEOUT, lingering_time=1.0,
-                                  access_log=None, logger=http_log, max_headers=64)
+        self._handler_args = dict(gate=gate, loop=loop, lingering_time=1.0, access_log=None, logger=http_log,
+                                  max_headers=64)
 
         def connection() -> door.GatedHandler:
-            return door.GatedHandler(manager, **self._handler_args)
+            return door.GatedHandler(manager, keepalive_timeout=KEEPALIVE_TIMEOUT, **self._handler_args)
         context = self.tls.context if self.tls is not None else None
 
         async def listen(host: str, port: int) -> asyncio.Server:
@@ -484,7 +484,8 @@ class Server:
         ended = loop.create_future()
         context = self.tls.context if self.tls is not None else None
         transport, _ = await loop.connect_accepted_socket(
-            lambda: _Adopted(self._runner.server, ended=ended, **self._handler_args), sock, ssl=context,
+            lambda: _Adopted(self._runner.server, ended=ended, keepalive_timeout=KEEPALIVE_TIMEOUT,
+                             **self._handler_args), sock, ssl=context,
             ssl_handshake_timeout=_tls.HANDSHAKE_TIMEOUT if context is not None else None)
         try:
             await ended
