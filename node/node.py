@@ -681,6 +681,16 @@ class Node:
         self.events.publish(AuditAppended(at=self.ports.now(), event="alert-acknowledged"))
         return row
 
+    async def note_failed_unlocks(self, times_ms: list[int]) -> None:
+        """Wrong passphrases typed on the unlock page before this unlock (a locked node can record
+        nothing): one audit entry, and each counted by the failed sign-in alert rule, at its time."""
+        if not times_ms:
+            return
+        await self.accounts.audit(Principal(account="unlock-page", role="system", via="web"), "unlock-failed",
+                                  count=len(times_ms))
+        for at in times_ms:
+            self.events.publish(SignInFailed(at=at, account="(passphrase)", retry_after_ms=0))
+
     async def raise_alert(self, rule: str, subject: str, count: int, detail: str) -> dict:
         """Raise an alert from outside the rules (a face noticing something that needs a person)."""
         return await self._health_services()[1].raise_alert(rule, subject, count, detail)

@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, base_env, drain, free_port, introduce, ok, wait_for
+from conftest import ROOT, base_env, db_rows, drain, free_port, introduce, ok, wait_for
 from node.faces import control, control_client as cc
 
 LETTER = "Cher confrère, merci de voir Mme Martin.\n"
@@ -146,6 +146,9 @@ def test_a_locked_node_is_unlocked_from_the_web_then_receives(practice, tmp_path
     gp = practice("Dr Anne Martin")
     cardio = practice("Dr Paul Durand")
     introduce(gp, cardio)
+    config = json.loads((cardio.data / "config.json").read_text())
+    config["alerts"] = {"sign_ins": 1}          # one wrong passphrase is enough to be told here
+    (cardio.data / "config.json").write_text(json.dumps(config))
     web_port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "node", "run", "--locked", "--web", f"127.0.0.1:{web_port}",
                              "--data", str(cardio.data)], cwd=ROOT, env=no_passphrase(), stdin=subprocess.DEVNULL,
@@ -184,5 +187,10 @@ def test_a_locked_node_is_unlocked_from_the_web_then_receives(practice, tmp_path
         assert sent.split()[1][:10] in ok(cardio.cli("inbox", env=no_passphrase()))
         log = (cardio.data / "node.log").read_text()
         assert "unlock failed" in log and "wrong horse" not in log and "correct horse" not in log
+        # The wrong passphrase typed while it was locked is in the audit log and raised an alert.
+        details = [d for (d,) in db_rows(cardio, "SELECT detail FROM audit WHERE event = 'unlock-failed'")]
+        assert len(details) == 1 and json.loads(details[0])["count"] == 1, details
+        alerts = cardio.ok("alerts")
+        assert "failed-sign-ins" in alerts and "(passphrase)" in alerts, alerts
     finally:
         cardio.stop()

@@ -83,6 +83,7 @@ async def _wait_unlocked(a, stop: asyncio.Event) -> Node | None:
         stopping = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait({stopping, page.opened}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
+        a.failed_unlocks = list(page.failed_at)      # recorded and alerted on once the node serves (_serve)
         return page.opened.result() if page.opened in done else None
     finally:
         await ctl.close()
@@ -103,6 +104,7 @@ async def _serve(a, node: Node, stop: asyncio.Event) -> None:
     if a.relay:
         node.use_relays(a.relay)
     host, port = await node.serve(a.listen, accept=not a.no_listen, pull_interval=a.pull_every)
+    await node.note_failed_unlocks(getattr(a, "failed_unlocks", []))      # typed while it was locked
     ctl = control.ControlServer(node.folder)
     ctl.node = node
     await ctl.start()

@@ -40,6 +40,7 @@ class Unlocker:
     folder: Path
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     failures: int = 0
+    failed_at: list[int] = field(default_factory=list)      # Unix ms of each wrong passphrase (for the audit)
     not_before: float = 0.0
     busy: asyncio.Lock = field(default_factory=asyncio.Lock)
     opened: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
@@ -57,6 +58,7 @@ class Unlocker:
                 node = await Node.open_node(self.folder, passphrase=passphrase)
             except WrongPassphrase:
                 self.failures += 1
+                self.failed_at.append(int(time.time() * 1000))
                 delay = min(MAX_WAIT_S, 2 ** (self.failures - 1))
                 self.not_before = time.monotonic() + delay
                 log.warning("unlock failed (wrong passphrase, %d in a row); next try in %d s", self.failures, delay)
@@ -127,6 +129,7 @@ class UnlockServer:
     port: int
     url: str
     opened: asyncio.Future
+    failed_at: list[int]                 # when each wrong passphrase was typed (Node.note_failed_unlocks)
 
     async def close(self) -> None:
         await self.runner.cleanup()
@@ -159,4 +162,5 @@ async def start_unlock(folder: Path, host: str, port: int, *, tls=None) -> Unloc
     bound = runner.addresses[0][1]
     app[ALLOWED_HOSTS].update(host_names(host, bound))
     shown = f"[{host}]" if ":" in host else host
-    return UnlockServer(runner, bound, f"{'https' if ctx else 'http'}://{shown}:{bound}", app[UNLOCKER].opened)
+    return UnlockServer(runner, bound, f"{'https' if ctx else 'http'}://{shown}:{bound}", app[UNLOCKER].opened,
+                        app[UNLOCKER].failed_at)
