@@ -5,6 +5,7 @@ locked is unlocked through its web page and then receives a referral."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import socket
 import stat
@@ -162,6 +163,10 @@ def test_a_locked_node_is_unlocked_from_the_web_then_receives(practice, tmp_path
         # locked: the socket says so, no command runs, and the API is not there
         locked = cardio.cli("inbox", env=no_passphrase())
         assert locked.returncode != 0 and "locked: unlock it in the web app" in locked.stderr
+        # status, for IT and monitoring: no passphrase asked, "locked" said, exit 3 (a person is needed)
+        status = cardio.cli("status", env=no_passphrase())
+        assert status.returncode == 3 and "locked: unlock it in the web app" in status.stdout, status
+        assert json.loads(cardio.cli("status", "--json", env=no_passphrase()).stdout)["state"] == "locked"
         base = f"http://127.0.0.1:{web_port}"
         status, state = _http(f"{base}/api/unlock")
         assert status == 200 and state["locked"] is True
@@ -190,7 +195,12 @@ def test_a_locked_node_is_unlocked_from_the_web_then_receives(practice, tmp_path
         # The wrong passphrase typed while it was locked is in the audit log and raised an alert.
         details = [d for (d,) in db_rows(cardio, "SELECT detail FROM audit WHERE event = 'unlock-failed'")]
         assert len(details) == 1 and json.loads(details[0])["count"] == 1, details
-        alerts = cardio.ok("alerts")
+        alerts = ok(cardio.cli("alerts", env=no_passphrase()))      # through the running node: no passphrase
         assert "failed-sign-ins" in alerts and "(passphrase)" in alerts, alerts
+        alert_id = re.search(r"#(\d+)", alerts).group(1)
+        assert "acknowledged" in ok(cardio.cli("alerts", "ack", alert_id, env=no_passphrase()))
+        assert ok(cardio.cli("alerts", env=no_passphrase())).strip() == "No open alerts."
+        status = cardio.cli("status", "--no-check", env=no_passphrase())
+        assert status.returncode in (0, 3) and "state       running" in status.stdout, status
     finally:
         cardio.stop()

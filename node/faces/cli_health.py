@@ -2,9 +2,11 @@
 
 `status` prints the node's health and exits 3 when something needs a person (a
 monitoring tool runs it), 0 otherwise; `--json` prints the same as one JSON object.
-Until the running node answers on a control socket, status opens the data folder
-as every other command does (beside `cabinet run`, thanks to WAL). Nothing printed
-names a patient: alerts name the rule, the account or peer, counts and times.
+While `cabinet run` runs, status and alerts ask it through the control socket (no
+passphrase: a monitoring job needs none; cli_remote.py), and a node waiting locked
+is reported as such (exit 3); with no node running they open the data folder.
+Nothing printed names a patient: alerts name the rule, the account or peer, counts
+and times.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import time
 
 from .prompt import passphrase
 from .text import shown
-from ..node import Node
 
 NEEDS_PERSON = 3
 
@@ -78,19 +79,39 @@ def print_status(h: dict) -> None:
         print("OK")
 
 
-async def cmd_status(a) -> int:
-    async with Node.open(a.data, passphrase=passphrase()) as node:
-        h = await node.health(check_reach=not a.no_check)
+def locked(message: str) -> dict:
+    """What status says of a node waiting locked (it can tell nothing else before the passphrase)."""
+    return {"state": "locked", "detail": message, "needs": [f"the node is {message}"]}
+
+
+def show_status(a, h: dict) -> int:
     if a.json:
         print(json.dumps(h, sort_keys=True))
+    elif h["state"] == "locked":
+        print(f"state       {shown(h['detail'])}")
+        print("NEEDS A PERSON:")
+        for n in h["needs"]:
+            print(f"  - {shown(n)}")
     else:
         print_status(h)
     return NEEDS_PERSON if h["needs"] else 0
 
 
+async def cmd_status(a) -> int:
+    from ..node import Node
+    async with Node.open(a.data, passphrase=passphrase()) as node:
+        h = await node.health(check_reach=not a.no_check)
+    return show_status(a, h)
+
+
 async def cmd_alerts(a) -> int:
+    from ..node import Node
     async with Node.open(a.data, passphrase=passphrase()) as node:
         rows = await node.alerts(include_acked=a.all)
+    return show_alerts(a, rows)
+
+
+def show_alerts(a, rows: list[dict]) -> int:
     if not rows:
         print("No alerts." if a.all else "No open alerts.")
     for r in rows:
@@ -101,8 +122,17 @@ async def cmd_alerts(a) -> int:
 
 
 async def cmd_alerts_ack(a) -> int:
+    from ..node import Node
     async with Node.open(a.data, passphrase=passphrase()) as node:
-        row = await node.ack_alert(a.id, f"cli:{getpass.getuser()}")
+        row = await node.ack_alert(a.id, acknowledger())
+    return show_ack(row)
+
+
+def acknowledger() -> str:
+    return f"cli:{getpass.getuser()}"
+
+
+def show_ack(row: dict) -> int:
     print(f"alert #{row['id']} ({row['rule']}, {shown(row['subject'])}) acknowledged; the audit log says so")
     return 0
 

@@ -236,10 +236,32 @@ def token_revoke(a) -> int:
     return 0
 
 
+def status(a) -> int:
+    from . import cli_health
+    try:
+        h = cc.ask(a.data, "health", {"check_reach": not a.no_check})
+    except cc.Failed as err:
+        if not str(err).startswith("locked"):
+            raise
+        h = cli_health.locked(str(err))
+    return cli_health.show_status(a, h)
+
+
+def alerts(a) -> int:
+    from . import cli_health
+    return cli_health.show_alerts(a, cc.ask(a.data, "alerts", {"all": bool(a.all)}))
+
+
+def alerts_ack(a) -> int:
+    from . import cli_health
+    return cli_health.show_ack(cc.ask(a.data, "alert_ack", {"id": a.id, "by": cli_health.acknowledger()}))
+
+
 REMOTE: dict[str, Callable[[object], int]] = {
     "cmd_send": send, "cmd_reply": reply,          # cli.py adds cmd_contact_verify
     "cmd_user_add": user_add, "cmd_user_list": user_list, "cmd_user_remove": user_remove,
     "cmd_token_add": token_add, "cmd_token_list": token_list, "cmd_token_revoke": token_revoke,
+    "cmd_status": status, "cmd_alerts": alerts, "cmd_alerts_ack": alerts_ack,
 }
 
 

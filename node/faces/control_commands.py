@@ -352,3 +352,18 @@ async def token_revoke(c: Call) -> dict:
 @command("status")
 async def status(c: Call) -> dict:
     return await c.node.status()
+
+
+@command("health")
+async def health(c: Call) -> dict:
+    return await c.node.health(check_reach=c.arg("check_reach", bool, True))
+
+
+@command("alerts")
+async def alerts(c: Call) -> list:
+    return await c.node.alerts(include_acked=c.arg("all", bool, False))
+
+
+@command("alert_ack")
+async def alert_ack(c: Call) -> dict:
+    return await c.node.ack_alert(c.arg("id", int), c.arg("by") or "cli")
