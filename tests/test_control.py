@@ -123,6 +123,7 @@ def test_a_client_running_as_nobody_is_refused(pair):
     try:
         code = ("import socket,sys;s=socket.socket(socket.AF_UNIX);s.connect(sys.argv[1]);"
                 "s.sendall(bytes.fromhex(sys.argv[2]));print(s.recv(4096)[4:].decode())")
+        # (the node answers before reading and then reads the request to its end: the send above never fails)
         proc = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable,
                                "-c", code, str(gp.data / "control.sock"),
                                cc.encode({"v": 1, "cmd": "inbox", "args": {}, "fds": 0}).hex()],

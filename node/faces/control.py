@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -170,7 +171,7 @@ class ControlServer:
         try:
             if not caller_allowed(conn, self.uid):
                 log.warning("control socket: a caller with another user ID was refused")
-                await asyncio.to_thread(_send, conn, {"error": "refused: this node belongs to another user", "exit": 2})
+                await asyncio.to_thread(_refuse, conn, {"error": "refused: this node belongs to another user", "exit": 2})
                 return
             try:
                 req, fds = await asyncio.to_thread(read_request, conn)
@@ -232,6 +233,19 @@ def _send(conn: socket.socket, obj: dict) -> None:
     if len(frame) > wire.ANSWER_MAX:
         frame = wire.encode({"error": ANSWER_TOO_BIG, "exit": 1})
     conn.sendall(frame)
+
+
+def _refuse(conn: socket.socket, obj: dict) -> None:
+    """Answer without reading the request, then let the caller finish sending it (read and dropped,
+    for a second at most, fds passed with it closed by the kernel): closed at once, the socket
+    would fail the caller's send (EPIPE) before it reads why."""
+    _send(conn, obj)
+    conn.shutdown(socket.SHUT_WR)
+    conn.settimeout(1.0)
+    deadline = time.monotonic() + 1.0
+    with contextlib.suppress(OSError):
+        while time.monotonic() < deadline and conn.recv(1 << 16):
+            pass
 
 
 def _answer_and_close(conn: socket.socket, obj: dict) -> None:

@@ -130,7 +130,10 @@ def ask(folder: Path, cmd: str, args: dict, *, fds: Sequence[int] = (),
     sock = sock or connect(folder)
     with sock:
         try:
-            send_frame(sock, {"v": VERSION, "cmd": cmd, "args": args, "fds": len(fds)}, fds)
+            try:
+                send_frame(sock, {"v": VERSION, "cmd": cmd, "args": args, "fds": len(fds)}, fds)
+            except ConnectionError:
+                pass                         # a node that refused us at once (another user): its answer is below
             sock.settimeout(None)            # a send to a slow colleague may take long: progress says so
             while True:
                 frame = recv_frame(sock)
