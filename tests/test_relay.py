@@ -505,6 +505,44 @@ async def test_the_path_that_worked_is_tried_first_and_a_direct_address_that_wor
         await node.close()
 
 
+async def test_a_path_that_keeps_working_is_written_now_and_then_and_a_change_at_once(tmp_path):
+    from node.app import reachability as reach_mod
+    from node.store import reachability as table
+
+    await Node.init(tmp_path / "A", PASSPHRASE, name="A", listen="127.0.0.1:0", lan=False)
+    node = await Node.open_node(tmp_path / "A", passphrase=PASSPHRASE)
+    b, direct = Identity.generate(), "https://203.0.113.9:7400"
+    now = [1_700_000_000_000]
+    node.ports.clock = lambda: now[0]
+    reach = node.reachability
+
+    async def on_disk():
+        await asyncio.gather(*list(reach._saving))
+        return (await node.store.call(table.load)).get(b.node_id, {}).get(direct)
+    try:
+        await reach.load()
+        reach.observe(b.node_id, direct, True)
+        assert await on_disk() == table.Seen(ok_at=now[0])                  # first success: written
+        t0 = now[0]
+        for _ in range(5):                                                  # a call every few seconds
+            now[0] += 5_000
+            reach.observe(b.node_id, direct, True)
+        assert await on_disk() == table.Seen(ok_at=t0)                      # not rewritten each time
+        assert reach.memory[b.node_id][direct].ok_at == now[0]              # memory is exact
+        now[0] += reach_mod.RESAVE_OK_MS
+        reach.observe(b.node_id, direct, True)
+        assert await on_disk() == table.Seen(ok_at=now[0])                  # now and then
+        now[0] += 1_000
+        reach.observe(b.node_id, direct, False)                             # a failure: at once
+        assert await on_disk() == table.Seen(ok_at=now[0] - 1_000, failed_at=now[0], fails=1)
+        now[0] += 1_000
+        reach.observe(b.node_id, direct, True)                              # working again: at once
+        assert await on_disk() == table.Seen(ok_at=now[0], failed_at=now[0] - 1_000, fails=0)
+        await reach.close()
+    finally:
+        await node.close()
+
+
 def test_paths_are_ordered_by_cost_lan_ipv6_ipv4_relay():
     from node.app.reachability import order
     addrs = ("relay+tcp://198.51.100.1:7600", "https://203.0.113.9:7400", "https://[2001:db8::9]:7400",

@@ -317,3 +317,92 @@ def test_a_running_nodes_writes_survive_other_processes_opening_and_closing_the_
         assert seen == "(42,)"
     finally:
         store.close()
+
+
+# --- the outbox's change numbers: how a sender session stays in step ----------------------------
+
+_OUT = {"direction": "out", "kind": "referral", "sender": "me", "reply_to": None, "created": 1, "stored": 1,
+        "head": b"h", "body_size": 1, "meta": b"m", "patient_ix": b"p"}
+
+
+def _queue(db, n: int, to: str = "B") -> str:
+    rid = f"{n:02x}" * 16
+    records.insert_record(db, dict(_OUT, id=rid, thread=rid), recipients=[to], now=n, event="sent")
+    return rid
+
+
+def test_a_reader_gets_exactly_the_deliveries_changed_since_its_last_look_in_any_process(tmp_path):
+    mine, other = _db(tmp_path), _db(tmp_path)                  # two connections: this process and another
+    _queue(mine, 1)
+    _queue(mine, 2)
+    rows, mark, full = records.stream_out(mine)
+    assert full and [(r["seq"], r["state"]) for r in rows] == [(1, "queued"), (2, "queued")]
+    assert records.stream_out(mine, mark) == ([], mark, False)                  # nothing changed: nothing read
+    records.retire(other, "B", [1], now=5)                                      # `cabinet send` elsewhere
+    _queue(other, 3)
+    rows, mark2, full = records.stream_out(mine, mark)
+    assert not full and mark2 > mark
+    assert sorted((r["seq"], r["state"]) for r in rows) == [(1, "delivered"), (3, "queued")]
+    records.update_delivery(mine, "02" * 16, "B", now=6, attempts=1, next_try=99)
+    rows, mark3, _ = records.stream_out(other, mark2)
+    assert [(r["seq"], r["attempts"], r["next_try"]) for r in rows] == [(2, 1, 99)]
+    records.mark_opened_by(mine, "01" * 16, "B", at=7, receipt=b"r", now=7)     # not what a session holds
+    assert records.stream_out(mine, mark3) == ([], mark3, False)
+
+
+def test_a_reader_behind_the_pruning_reloads_every_pending_delivery(tmp_path):
+    db = _db(tmp_path)
+    for n in range(1, 5):
+        _queue(db, n)
+    _, mark, _ = records.stream_out(db)
+    records.retire(db, "B", [1, 2], now=9)
+    _, newest, _ = records.stream_out(db, mark)
+    records.prune_outbox_changes(db, newest + records.KEEP_CHANGES)            # everything forgotten
+    assert db.conn.execute("SELECT COUNT(*) FROM outbox_changes").fetchone()[0] == 0
+    rows, _, full = records.stream_out(db, mark)
+    assert full and [r["seq"] for r in rows] == [3, 4]                          # the pending ones, whole
+    _queue(db, 5)                                                               # numbering goes on after a prune
+    _, after, _ = records.stream_out(db, newest)
+    assert after > newest
+
+
+def test_a_folder_from_before_the_change_numbers_opens_with_its_outbox_whole(tmp_path):
+    db = _db(tmp_path)
+    _queue(db, 1)
+    db.conn.executescript("DROP TRIGGER outbox_changed_on_insert; DROP TRIGGER outbox_changed_on_update; "
+                          "DROP TABLE outbox_changes;")                       # as main made it before
+    db.conn.close()
+    db = _db(tmp_path)
+    rows, mark, full = records.stream_out(db)
+    assert full and [r["seq"] for r in rows] == [1]
+    records.retire(db, "B", [1], now=3)
+    assert [r["state"] for r in records.stream_out(db, mark)[0]] == ["delivered"]
+
+
+def test_no_query_of_the_outbox_reads_every_record(tmp_path):
+    """Each lookup of a record by ID uses the key: SQLite, without statistics, otherwise picks the index on
+    direction and reads every outgoing record for each delivery (what made catch-up slow)."""
+    db = _db(tmp_path)
+    for n in range(1, 4):
+        _queue(db, n)
+    seen: list[str] = []
+    db.conn.set_trace_callback(seen.append)
+    _, mark, _ = records.stream_out(db)
+    records.outgoing(db, "B", [1, 2])
+    records.deliveries(db, "01" * 16)
+    records.due(db, 10)
+    records.retire(db, "B", [1], now=5, receipts={1: b"r"})
+    records.refuse(db, "B", 2, reason="no", now=6)
+    records.stream_out(db, mark)
+    records.receipts_due(db, "B")
+    records.receipts_due(db)
+    db.conn.set_trace_callback(None)
+    checked = 0
+    for sql in {s for s in seen if s.lstrip().upper().startswith(("SELECT", "UPDATE"))}:
+        plan = [row[3] for row in db.conn.execute("EXPLAIN QUERY PLAN " + sql)]
+        checked += 1
+        bad = [p for p in plan if "records_listing" in p or "records_inbox" in p
+               or (p.startswith(("SCAN records", "SCAN deliveries", "SCAN receipts_out", "SCAN r", "SCAN d"))
+                   and "receipts_out_due" not in p)]                 # that index holds only the unsent
+        assert not bad, f"{sql[:120]}: {plan}"
+    assert checked >= 8

@@ -182,6 +182,14 @@ def test_load_keeps_the_session_in_step_with_the_store():
     assert set(s.pending) == {1, 3, 7} and s.last == 7
 
 
+def test_resync_takes_the_store_s_pending_deliveries_as_the_whole_truth():
+    s = _sender([1, 2, 3])
+    s.resync([Entry(seq=3, record_id="r3", size=1, attempts=2, next_try=50), Entry(seq=5, record_id="r5", size=1)])
+    assert set(s.pending) == {3, 5} and s.pending[3].attempts == 2 and s.last == 5     # 1 and 2 were settled
+    s.resync([])
+    assert s.pending == {} and s.last == 5                                            # numbers never go back
+
+
 def test_on_ack_retires_exactly_upto_and_have_and_refuses_the_refused():
     s = _sender(range(1, 8))
     effects = s.on_ack(Ack(upto=3, have=(5,), refused=((2, "invalid-envelope"), (6, "wrong-sender"))))

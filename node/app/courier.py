@@ -37,7 +37,7 @@ from .ports import Ports
 
 log = logging.getLogger("cabinet.courier")
 PULL_INTERVAL = 30.0
-REFRESH_MARGIN_MS = 60_000
+PRUNE_EVERY = 1_000                      # outbox change numbers between two prunings of old ones
 FAILURES = (TransportError, InvalidSignature, RemoteProtocolError, InvalidEnvelope)
 Locate = Callable[[dict], Peer]
 Effect = Retire | Refused | Attempt | ScheduleRetry
@@ -50,28 +50,39 @@ class Courier(Loop):
         super().__init__("cabinet-courier", self.round)
         self.ports, self.locate = ports, locate
         self._sessions: dict[str, SenderSession] = {}
-        self._mark: int | None = None          # latest `updated` seen in the deliveries table
+        self._mark: int | None = None          # the last outbox change number taken in (records.stream_out)
+        self._pruned = 0                       # the change number at the last pruning
         self._active: set[str] = set()         # recipients with a push in progress
 
     # --- sessions, kept in step with the store -------------------------------------------
 
     async def refresh(self) -> None:
-        """Load every stream once; after that, take in what changed (here or in another process)."""
+        """Load every stream once; after that, take in what changed (here or in another process).
+
+        What changed is read from the outbox's change numbers (store/records.stream_out), so a refresh
+        costs the few rows that changed, not the whole outbox of the last minute.
+        """
         store = self.ports.store
         if self._mark is None:
             lasts = await store.call(records.last_seqs)
-            rows = await store.call(records.stream_out, None)
             await self._open({recipient: last for recipient, (last, _) in lasts.items()})
-            self._mark = max((u for _, u in lasts.values()), default=0)
-        else:   # a margin: another process may commit a row stamped a little before our last look
-            rows = await store.call(records.stream_out, self._mark - REFRESH_MARGIN_MS)
+        rows, mark, full = await store.call(records.stream_out, self._mark)
         await self._open({r["recipient"]: 0 for r in rows if r["recipient"] not in self._sessions})
+        entries: dict[str, list[Entry]] = {}
         for r in rows:
-            session = self._sessions[r["recipient"]]
-            session.load(Entry(seq=r["seq"], record_id=r["record_id"], size=r["body_size"], state=r["state"],
-                               attempts=r["attempts"], next_try=r["next_try"], queued_at=r["created"],
-                               stale=bool(r["stale"])))
-            self._mark = max(self._mark, r.get("updated") or 0)
+            entries.setdefault(r["recipient"], []).append(
+                Entry(seq=r["seq"], record_id=r["record_id"], size=r["body_size"], state=r["state"],
+                      attempts=r["attempts"], next_try=r["next_try"], queued_at=r["created"], stale=bool(r["stale"])))
+        for recipient, session in self._sessions.items():
+            if full:           # every pending delivery: any other this session holds was settled meanwhile
+                session.resync(entries.get(recipient, ()))
+            else:
+                for entry in entries.get(recipient, ()):
+                    session.load(entry)
+        if self._mark is not None and mark - self._pruned >= PRUNE_EVERY:
+            self._pruned = mark
+            await store.call(records.prune_outbox_changes, mark)
+        self._mark = mark if self._mark is None else max(self._mark, mark)
 
     async def _open(self, lasts: dict[str, int]) -> None:
         """New sessions, with the voids a restore left in their streams (store/backup.py)."""

@@ -35,6 +35,7 @@ log = logging.getLogger("cabinet.reachability")
 ACCEPT_CHECK_EVERY = 30.0
 RECHECK_MS = 60_000              # a failed cheaper path is tried first again after this (doubling) ...
 RECHECK_MAX_MS = 3_600_000       # ... up to an hour
+RESAVE_OK_MS = 600_000           # a path that keeps working: its success is written at most this often
 LAN, DIRECT_V6, DIRECT_V4, RELAYED = 0, 1, 2, 3
 # A practice's own network (RFC 1918, IPv6 unique-local, link-local). Not ipaddress's is_private,
 # which also counts documentation and test ranges that are public addresses in a test's network.
@@ -89,6 +90,7 @@ class Reachability(Loop):
         self._via: dict[str, str] = {}            # local tunnel address -> the relay address it stands for
         self._loaded = False
         self._saving: set[asyncio.Task] = set()
+        self._written: dict[tuple[str, str], int] = {}   # (contact, address) -> the ok_at last written
         if hasattr(ports.client, "on_attempt"):    # the client reports every address it tries
             ports.client.on_attempt = self.observe
 
@@ -121,9 +123,19 @@ class Reachability(Loop):
         """One address of a contact answered (ok) or not: remember it, in memory at once, on disk soon."""
         address = self._via.get(address, address)
         mine = self.memory.setdefault(node_id, {})
-        seen = mine[address] = mine.get(address, Seen()).after(ok, self.ports.clock())
+        before, switched = mine.get(address), self.last_worked(node_id) != address
+        seen = mine[address] = (before or Seen()).after(ok, self.ports.clock())
         if len(mine) > table.MAX_PER_NODE:
             del mine[min(mine, key=lambda a: max(mine[a].ok_at, mine[a].failed_at))]
+        # A path that keeps working is written again only now and then (each write is a commit and an
+        # fsync, and a busy practice calls a colleague every few seconds); a failure, a path working
+        # again, or another path becoming the one that worked last is written at once.
+        key = (node_id, address)
+        if (ok and before is not None and before.fails == 0 and not switched
+                and seen.ok_at - self._written.get(key, 0) < RESAVE_OK_MS):
+            return
+        if ok:
+            self._written[key] = seen.ok_at
         self._background(self._save(node_id, address, seen))
 
     def _background(self, work) -> None:

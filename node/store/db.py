@@ -93,6 +93,21 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_try);
 CREATE INDEX IF NOT EXISTS deliveries_updated ON deliveries (updated);
+-- Every change to what a sender session holds of a delivery, numbered in commit order (the
+-- number is given under SQLite's write lock): a courier takes in what changed since the last
+-- number it saw, its own process's changes and another's (`cabinet send`) alike, without
+-- rereading the outbox (records.outbox_changes). Old numbers are pruned; a reader that fell
+-- behind the pruning reloads every pending delivery.
+CREATE TABLE IF NOT EXISTS outbox_changes (
+    n         INTEGER PRIMARY KEY AUTOINCREMENT,
+    recipient TEXT NOT NULL,
+    seq       INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS outbox_changed_on_insert AFTER INSERT ON deliveries
+    BEGIN INSERT INTO outbox_changes (recipient, seq) VALUES (NEW.recipient, NEW.seq); END;
+CREATE TRIGGER IF NOT EXISTS outbox_changed_on_update AFTER UPDATE OF state, attempts, next_try, stale
+    ON deliveries
+    BEGIN INSERT INTO outbox_changes (recipient, seq) VALUES (NEW.recipient, NEW.seq); END;
 CREATE TABLE IF NOT EXISTS streams_in (
     sender TEXT PRIMARY KEY,
     cursor INTEGER NOT NULL
@@ -113,6 +128,7 @@ CREATE TABLE IF NOT EXISTS receipts_out (
     sent      INTEGER,
     PRIMARY KEY (record_id, to_node, status)
 );
+CREATE INDEX IF NOT EXISTS receipts_out_due ON receipts_out (to_node) WHERE sent IS NULL;
 CREATE TABLE IF NOT EXISTS audit (
     seq    INTEGER PRIMARY KEY,
     at     INTEGER NOT NULL,

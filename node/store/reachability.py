@@ -60,7 +60,7 @@ def load(db: sqlite_utils.Database) -> dict[str, dict[str, Seen]]:
 
 
 def record(db: sqlite_utils.Database, node_id: str, address: str, seen: Seen) -> None:
-    ensure_schema(db)
+    """Keep what was seen of one address (the table exists: `ensure_schema` ran when the memory was loaded)."""
     with transaction(db) as conn:
         conn.execute("INSERT INTO reach (node_id, address, ok_at, failed_at, fails) VALUES (?, ?, ?, ?, ?) "
                      "ON CONFLICT (node_id, address) DO UPDATE SET ok_at = excluded.ok_at, "

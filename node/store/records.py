@@ -30,6 +30,9 @@ from ..sync.session import settle
 from .tx import transaction
 
 _PENDING = "('" + "', '".join(PENDING) + "')"      # for SQL: the states still to be sent
+# A record is looked up by its key's first column, `id`, with `+direction` (the unary plus keeps
+# SQLite from using an index on direction there): without statistics, SQLite's planner otherwise
+# takes records_listing (direction, stored) and reads every outgoing record for each one it joins.
 _SETTLED = "('" + "', '".join(SETTLED) + "')"
 
 # --- encrypted metadata ------------------------------------------------------
@@ -361,14 +364,14 @@ def deliveries(db: sqlite_utils.Database, record_id: str | None = None, state: s
         where.append("d.state = ?")
         args.append(state)
     sql = ("SELECT d.*, r.created, r.body_size, c.name AS recipient_name FROM deliveries d "
-           "JOIN records r ON r.id = d.record_id AND r.direction = 'out' LEFT JOIN contacts c ON c.node_id = d.recipient")
+           "JOIN records r ON r.id = d.record_id AND +r.direction = 'out' LEFT JOIN contacts c ON c.node_id = d.recipient")
     sql += (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY r.created DESC, d.recipient"
     return list(db.query(sql, args))
 
 
 def due(db: sqlite_utils.Database, now: int, limit: int = 2000) -> list[dict]:
     return list(db.query("SELECT d.*, r.created, r.body_size FROM deliveries d "
-                         "JOIN records r ON r.id = d.record_id AND r.direction = 'out' "
+                         "JOIN records r ON r.id = d.record_id AND +r.direction = 'out' "
                          f"WHERE d.state IN {_PENDING} AND d.next_try <= ? "
                          "ORDER BY d.recipient, d.seq LIMIT ?", [now, limit]))
 
@@ -389,7 +392,7 @@ def outgoing(db: sqlite_utils.Database, recipient: str, seqs: list[int]) -> list
         return []
     marks = ",".join("?" * len(seqs))
     return list(db.query(f"SELECT d.seq, d.record_id AS id, r.head, r.body_size, r.body FROM deliveries d "
-                         f"JOIN records r ON r.id = d.record_id AND r.direction = 'out' "
+                         f"JOIN records r ON r.id = d.record_id AND +r.direction = 'out' "
                          f"WHERE d.recipient = ? AND d.seq IN ({marks}) "
                          f"ORDER BY d.seq", [recipient, *seqs]))
 
@@ -418,7 +421,7 @@ def retire(db: sqlite_utils.Database, recipient: str, seqs: list[int], *, now: i
             if row is None:
                 continue
             conn.execute("UPDATE deliveries SET state = ?, delivered = ?, updated = ?, last_error = NULL, "
-                         "sent_bytes = (SELECT body_size FROM records WHERE id = ? AND direction = 'out'), "
+                         "sent_bytes = (SELECT body_size FROM records WHERE id = ? AND +direction = 'out'), "
                          "receipt = COALESCE(?, receipt) WHERE recipient = ? AND seq = ?",
                          (DELIVERED, now, now, row[0], (receipts or {}).get(seq), recipient, seq))
             audit.append(db, at=now, event="delivered", record=row[0], peer=recipient)
@@ -439,15 +442,45 @@ def refuse(db: sqlite_utils.Database, recipient: str, seq: int, *, reason: str, 
         return row[0]
 
 
-def stream_out(db: sqlite_utils.Database, since_updated: int | None = None) -> list[dict]:
-    """Deliveries for the sender's sessions: every pending one (at start), or every one changed
-    since `since_updated` (to stay in step with other processes)."""
-    cols = ("SELECT d.recipient, d.seq, d.record_id, d.state, d.attempts, d.next_try, d.stale, d.updated, "
-            "r.created, r.body_size FROM deliveries d "
-            "JOIN records r ON r.id = d.record_id AND r.direction = 'out' ")
-    if since_updated is None:
-        return list(db.query(cols + f"WHERE d.state IN {_PENDING}"))
-    return list(db.query(cols + "WHERE d.updated >= ?", [since_updated]))
+_STREAM_COLS = ("SELECT d.recipient, d.seq, d.record_id, d.state, d.attempts, d.next_try, d.stale, "
+                "r.created, r.body_size FROM deliveries d "
+                "JOIN records r ON r.id = d.record_id AND +r.direction = 'out' ")
+# CROSS JOIN keeps SQLite's planner to this order: the few changed rows first, each looked up by key
+# (left to itself, with no statistics, it scans every outgoing record).
+_CHANGED_SINCE = ("FROM (SELECT DISTINCT recipient, seq FROM outbox_changes WHERE n > ?) c "
+                  "CROSS JOIN deliveries d ON d.recipient = c.recipient AND d.seq = c.seq CROSS ")
+KEEP_CHANGES = 10_000       # outbox_changes rows kept behind the newest (prune_outbox_changes)
+
+
+def stream_out(db: sqlite_utils.Database, since: int | None = None) -> tuple[list[dict], int, bool]:
+    """Deliveries for the sender's sessions, and the outbox change number they bring a reader to.
+
+    `since` None (at start): every pending delivery. Otherwise every delivery changed after change
+    number `since` (outbox_changes), here or in another process. The third value says the rows are
+    a full reload: at start, or because the changes after `since` were pruned meanwhile (then the
+    rows are every pending delivery, and any other the reader holds as pending was settled).
+    Read in one transaction, so the rows and the number agree.
+    """
+    conn = db.conn
+    conn.execute("BEGIN")
+    try:
+        mark = conn.execute("SELECT COALESCE(MAX(n), 0) FROM outbox_changes").fetchone()[0]
+        if since is not None:
+            oldest = conn.execute("SELECT MIN(n) FROM outbox_changes").fetchone()[0]
+            if since == mark:
+                return [], since, False
+            if since < mark and oldest is not None and oldest <= since + 1:
+                rows = list(db.query(_STREAM_COLS.replace("FROM deliveries d ", _CHANGED_SINCE), [since]))
+                return rows, mark, False
+        return list(db.query(_STREAM_COLS + f"WHERE d.state IN {_PENDING}")), mark, True
+    finally:
+        conn.execute("COMMIT")
+
+
+def prune_outbox_changes(db: sqlite_utils.Database, upto: int) -> None:
+    """Forget change numbers at least KEEP_CHANGES behind `upto` (the newest a reader saw)."""
+    with transaction(db) as conn:
+        conn.execute("DELETE FROM outbox_changes WHERE n <= ?", (upto - KEEP_CHANGES,))
 
 
 def last_seqs(db: sqlite_utils.Database) -> dict[str, tuple[int, int]]:

@@ -159,6 +159,14 @@ class SenderSession:
         else:
             raise LocalProtocolError(f"unknown delivery state {entry.state}")
 
+    def resync(self, pending: Iterable[Entry]) -> None:
+        """The store's word on every pending delivery of this stream: any other held as pending was settled."""
+        fresh = {e.seq: e for e in pending}
+        for seq in [s for s in self.pending if s not in fresh]:
+            del self.pending[seq]
+        for entry in fresh.values():
+            self.load(entry)
+
     def enqueue(self, entry: Entry) -> None:
         """A record newly queued for this recipient."""
         if entry.seq <= self.last:
