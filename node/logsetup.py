@@ -1,7 +1,7 @@
 """Where the node's logs go, and the rule that nothing from outside can forge or flood a log line.
 
-`setup(folder, verbose)` installs the handlers for the "cabinet" loggers: stderr when verbose,
-and DIR/node.log rotated by size (10 MiB x 5, files 0600). Every handler it installs uses
+store/logwriter.py's `setup(folder, verbose)` installs the handlers for the "cabinet" loggers:
+stderr when verbose, and DIR/node.log rotated by size (10 MiB x 5, files 0600). Every handler it installs uses
 `SafeFormatter`, which escapes control characters (newlines, escape sequences, bidi overrides)
 in the whole line and caps its length, so a request path or header logged by any module stays
 one line that cannot pretend to be another. Tracebacks (our own bugs) keep one line per frame,
@@ -92,7 +92,21 @@ class SafeFormatter(logging.Formatter):
         return "\n".join(lines)
 
 
-class _PrivateRotatingFile(logging.handlers.RotatingFileHandler):
+class HoldFlush:
+    """A stream handler that can hold its flushes while the writer thread writes a burst of lines."""
+
+    hold = False
+
+    def flush(self) -> None:
+        if not self.hold:
+            super().flush()  # type: ignore[misc]
+
+
+class Stream(HoldFlush, logging.StreamHandler):
+    pass
+
+
+class _PrivateRotatingFile(HoldFlush, logging.handlers.RotatingFileHandler):
     """A RotatingFileHandler whose files are created 0600 (logs name contacts and record IDs)."""
 
     def _open(self):
@@ -105,18 +119,6 @@ def file_handler(folder: Path, max_bytes: int = MAX_BYTES, backups: int = BACKUP
     h = _PrivateRotatingFile(folder / LOG_NAME, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
     h.setFormatter(SafeFormatter())
     return h
-
-
-def setup(folder: Path | None, verbose: bool) -> None:
-    """Log "cabinet.*" to stderr (verbose) and, in an initialised data folder, to node.log."""
-    root = logging.getLogger("cabinet")
-    root.setLevel(logging.INFO)
-    if verbose:
-        h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(SafeFormatter())
-        root.addHandler(h)
-    if folder is not None and (folder / "keys.cabinet").is_file():
-        root.addHandler(file_handler(folder))
 
 
 class RefusalSummary:

@@ -51,7 +51,7 @@ from .core.errors import (AlreadyExists, AuthenticationFailed, CabinetError, Inv
                           TooLarge, UsageError, WrongPassphrase)
 from .core.identity import DESCRIPTOR_PREFIX, Descriptor, normalize_node_id, valid_address
 from .logsetup import clean as clean_for_log
-from .logsetup import setup as setup_logging
+from .store.logwriter import setup as setup_logging
 from .store import backup as backup_store
 from .store import keyfile, records
 from .store.blobs import BlobStore

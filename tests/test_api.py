@@ -163,6 +163,8 @@ async def test_referral_with_5mb_attachment_goes_through_both_apis(pair, tmp_pat
         for url, headers in a.seen + b.seen:
             assert CANARY not in url and "Canarywood" not in url
             assert not any("Canarywood" in v for v in headers.values())
+        for h in logging.getLogger("cabinet").handlers:
+            h.flush()                                   # the log thread has written what came before
         log_text = (a.node.folder / "node.log").read_text("utf-8")
         assert "POST /api/referrals 202" in log_text and "Canarywood" not in log_text
     finally:

@@ -70,7 +70,8 @@ def test_commands_through_the_socket_without_passphrase(pair, tmp_path):
     ok(gp.cli("token", "add", "ehr", "--scope", "read", env=env))
     assert "ehr" in ok(gp.cli("token", "list", env=env))
     # the commands were the node's: each is in its log, not a key derivation of their own
-    assert "control inbox ok" in (cardio.data / "node.log").read_text()
+    wait_for(lambda: "control inbox ok" in (cardio.data / "node.log").read_text(), 10,
+             "the node's log line (written on its log thread)")
 
 
 def test_errors_through_the_socket_are_one_line(pair, tmp_path):
@@ -191,8 +192,9 @@ def test_a_locked_node_is_unlocked_from_the_web_then_receives(practice, tmp_path
         sent = gp.ok("send", "--to", "Dr Paul Durand", "--patient", "Jeanne Martin", "--letter", str(letter))
         assert "delivered" in sent
         assert sent.split()[1][:10] in ok(cardio.cli("inbox", env=no_passphrase()))
+        wait_for(lambda: "unlock failed" in (cardio.data / "node.log").read_text(), 10, "the unlock line")
         log = (cardio.data / "node.log").read_text()
-        assert "unlock failed" in log and "wrong horse" not in log and "correct horse" not in log
+        assert "wrong horse" not in log and "correct horse" not in log
         # The wrong passphrase typed while it was locked is in the audit log and raised an alert.
         details = [d for (d,) in db_rows(cardio, "SELECT detail FROM audit WHERE event = 'unlock-failed'")]
         assert len(details) == 1 and json.loads(details[0])["count"] == 1, details

@@ -14,11 +14,13 @@ import re
 import resource
 import ssl
 import stat
+import threading
 import time
 
 import pytest
 
 from node import logsetup
+from node.store import logwriter
 from node.core import wire
 from node.core.errors import PeerRefused
 from node.core.identity import Identity, parse_node_id
@@ -84,6 +86,37 @@ def test_refusals_are_summarised_per_source_and_bounded():
     summary.note("10.0.0.9", "not authenticated")
     summary.flush()
     assert seen[4:] == ["refused 1 request from 10.0.0.9 (reasons: not authenticated)"]
+
+
+def test_log_lines_are_written_on_their_own_thread_in_order_a_burst_with_one_flush(tmp_path):
+    file = logsetup.file_handler(tmp_path)
+    threads, flushes = set(), [0]
+    emit, flush = file.emit, file.flush
+    file.emit = lambda r: (threads.add(threading.current_thread().name), emit(r))[1]
+
+    def counted():
+        flushes[0] += not file.hold
+        flush()
+    file.flush = counted
+    bg = logwriter.Background([file])
+    log = logging.getLogger("cabinet.test.background")
+    log.addHandler(bg)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        for i in range(2000):
+            log.info("line %d", i)
+        bg.flush()                                           # waits for what was queued before it
+        lines = (tmp_path / "node.log").read_text().splitlines()
+        assert [int(l.rsplit(" ", 1)[1]) for l in lines] == list(range(2000))
+        assert threads == {"cabinet-log"}                    # never written by the caller's thread
+        assert flushes[0] <= 2000 // logwriter.Background.BURST + 3      # a burst: one flush, not one a line
+        log.warning("the last one")
+    finally:
+        log.removeHandler(bg)
+        bg.close()                                           # what is queued is written before it stops
+    assert (tmp_path / "node.log").read_text().splitlines()[-1].endswith("the last one")
+    assert not bg._thread.is_alive()
 
 
 def test_node_log_rotates_by_size_and_stays_private(tmp_path):

@@ -101,6 +101,7 @@ class Courier(Loop):
     async def apply(self, recipient: str, effects: Iterable[Effect]) -> int:
         """Carry out a session's effects in the store; returns how many deliveries were settled."""
         store, now, settled = self.ports.store, self.ports.clock(), 0
+        retries: list[ScheduleRetry] = []
         for e in effects:
             if isinstance(e, Retire):
                 done = await store.call(records.retire, recipient, list(e.seqs), now=now, receipts=e.receipts)
@@ -118,12 +119,13 @@ class Courier(Loop):
             elif isinstance(e, Attempt):
                 await store.call(records.update_delivery, e.record_id, recipient, now=now, state=e.state)
             elif isinstance(e, ScheduleRetry):
-                fields = dict(state=e.state, attempts=e.attempts, next_try=e.next_try, last_error=e.why)
+                retries.append(e)
+        if retries:         # a failed batch of 500: one transaction, not 500
+            await store.call(records.schedule_retries, recipient, [
+                (e.seq, e.state, e.attempts, e.next_try, e.why, e.newly_stale) for e in retries], now=now)
+            for e in retries:
                 if e.newly_stale:
-                    fields["stale"] = 1
                     log.warning("record %s to %s: not delivered for days; still trying", e.record_id, recipient)
-                await store.call(records.update_delivery, e.record_id, recipient, now=now, unless_delivered=True,
-                                 **fields)
                 self._changed(e.record_id, recipient, e.state, reason=e.why)
         return settled
 

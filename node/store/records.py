@@ -527,6 +527,18 @@ def next_due(db: sqlite_utils.Database) -> int | None:
     return row[0]
 
 
+def schedule_retries(db: sqlite_utils.Database, recipient: str,
+                     rows: Sequence[tuple[int, str, int, int, str, bool]], *, now: int) -> None:
+    """Failed attempts of one stream, in one transaction: (seq, state, attempts, next_try, why,
+    newly_stale) each; a delivery settled meanwhile is left as it is."""
+    with transaction(db) as conn:
+        for seq, state, attempts, next_try, why, newly_stale in rows:
+            conn.execute("UPDATE deliveries SET state = ?, attempts = ?, next_try = ?, last_error = ?, updated = ?"
+                         + (", stale = 1" if newly_stale else "")
+                         + f" WHERE recipient = ? AND seq = ? AND state NOT IN {_SETTLED}",
+                         (state, attempts, next_try, why, now, recipient, seq))
+
+
 def update_delivery(db: sqlite_utils.Database, record_id: str, recipient: str, *, now: int,
                     event: str | None = None, unless_delivered: bool = False, **fields) -> None:
     fields["updated"] = now
