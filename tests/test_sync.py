@@ -190,6 +190,15 @@ def test_resync_takes_the_store_s_pending_deliveries_as_the_whole_truth():
     assert s.pending == {} and s.last == 5                                            # numbers never go back
 
 
+def test_records_a_recipient_is_pulling_are_not_pushed_until_the_grace_ends():
+    s = _sender([1, 2, 3])
+    s.defer([1, 2, 9], until=100)                                     # 9: not pending, ignored
+    assert [o.seq for u in s.due(50) for o in u.offers] == [3]
+    assert [o.seq for u in s.due(100) for o in u.offers] == [1, 2, 3]
+    s.defer([1], until=10)                                            # never brings a retry forward
+    assert s.pending[1].next_try == 100 and s.pending[3].next_try == 0
+
+
 def test_on_ack_retires_exactly_upto_and_have_and_refuses_the_refused():
     s = _sender(range(1, 8))
     effects = s.on_ack(Ack(upto=3, have=(5,), refused=((2, "invalid-envelope"), (6, "wrong-sender"))))

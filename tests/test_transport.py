@@ -248,6 +248,34 @@ async def test_duplicate_delivery_is_acknowledged_and_dropped(nodes, tmp_path):
     assert len(await b.store.call(records.list_records, "in")) == 1
 
 
+async def test_a_batch_pushed_again_is_answered_duplicate_without_being_verified_again(nodes, tmp_path):
+    """A record pushed and pulled at once, or pushed again after a lost answer: what is held byte for byte
+    is answered 'duplicate' (with its receipt) without a second verification; another head under a held
+    seq still goes through every check (and is kept without the reused number, as before)."""
+    from node.sync.messages import PushAnswer, Receipt
+    a, b = nodes
+    items = []
+    for seq in (1, 2, 3):
+        rid, head, body = await sealed_record(a, tmp_path, b)
+        items.append((seq, head, body))
+    peer = Peer(b.node_id, b.identity.sign_public, b.descriptor.addresses)
+    verified: list[int] = []
+    verify = b.intake._verify_all
+    b.intake._verify_all = lambda sender, batch: (verified.append(len(batch)), verify(sender, batch))[1]
+    first = PushAnswer.from_wire(await a.client.push_batch(peer, items))
+    second = PushAnswer.from_wire(await a.client.push_batch(peer, items))
+    assert set(first.results.values()) == {"stored"} and len(first.results) == 3
+    assert second.results == {rid: "duplicate" for rid in first.results}
+    for rid, raw in second.receipts.items():
+        Receipt.verify(raw, b.identity.sign_public, rid)
+    assert set(second.receipts) == set(first.results) and second.ack.upto == 3
+    assert verified == [3, 0]                                            # nothing verified the second time
+    _, other, other_body = await sealed_record(a, tmp_path, b)          # another record under held seq 2
+    third = PushAnswer.from_wire(await a.client.push_batch(peer, [(2, other, other_body)]))
+    assert verified == [3, 0, 1] and list(third.results.values()) == ["stored"]   # checked as any new record
+    assert len(await b.store.call(records.list_records, "in")) == 4                 # (kept, without the seq)
+
+
 async def test_record_not_for_this_node_is_refused(tmp_path, nodes):
     a, b = nodes
     c = await make(tmp_path, "C", serve=False)

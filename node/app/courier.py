@@ -37,6 +37,7 @@ from .ports import Ports
 
 log = logging.getLogger("cabinet.courier")
 PULL_INTERVAL = 30.0
+PULL_GRACE_MS = 10_000                   # a record a recipient is pulling is not pushed for this long
 PRUNE_EVERY = 1_000                      # outbox change numbers between two prunings of old ones
 FAILURES = (TransportError, InvalidSignature, RemoteProtocolError, InvalidEnvelope)
 Locate = Callable[[dict], Peer]
@@ -147,6 +148,8 @@ class Courier(Loop):
         settled = [Offer(seq=s, record_id=rid) for s, rid in await self.ports.store.call(
             records.settled_above, recipient, session.settled_from(want), cap)] if want.since < session.last else []
         listing, effects = session.on_want(want, limit, settled)
+        # The recipient is fetching these itself: pushing them too would send (and have it verify) them twice.
+        session.defer([o.seq for o in listing.offers], until=self.ports.clock() + PULL_GRACE_MS)
         await self.apply(recipient, effects)
         await self._note_held(recipient, session.held_unknown([want.since]))
         return listing

@@ -263,6 +263,12 @@ class Intake:
             held.release()
 
     async def _small(self, sender: str, items: list[PushItem], out: BatchOutcome) -> BatchOutcome:
+        held = await self.ports.store.call(records.held_exactly, sender, [(i.seq, i.head) for i in items])
+        if held:            # byte for byte what is stored (and was verified then): a duplicate, as before
+            for item in items:
+                if item.seq in held:
+                    out.results[_peek_id(item.head)] = DUPLICATE
+            items = [i for i in items if i.seq not in held]
         checked = await self._run(self._verify_all, sender, items)
         rows = []
         for item, row in zip(items, checked):

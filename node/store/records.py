@@ -227,6 +227,18 @@ def _settle_stream(conn, sender: str) -> Ack:
     return Ack(upto=cursor, have=tuple(s for s in above if s in have), refused=tuple(sorted(refused.items())))
 
 
+def held_exactly(db: sqlite_utils.Database, sender: str, items: Sequence[tuple[int, bytes]]) -> set[int]:
+    """Of these (seq, head) of `sender`'s stream, the seqs held here with that very head: a record pushed
+    and pulled at once, or pushed again after a lost answer, needs no second verification."""
+    heads = dict(items)
+    if not heads:
+        return set()
+    marks = ",".join("?" * len(heads))
+    return {seq for seq, head in db.conn.execute(
+        f"SELECT seq, head FROM records WHERE direction = 'in' AND sender = ? AND seq IN ({marks})",
+        [sender, *heads]) if bytes(head) == heads[seq]}
+
+
 def stream_in(db: sqlite_utils.Database, sender: str) -> Ack:
     """Where this node stands in `sender`'s stream: its cursor, what is above it, its refusals."""
     with transaction(db) as conn:

@@ -183,6 +183,13 @@ class SenderSession:
             picked = [e for s, e in sorted(self.pending.items()) if e.next_try <= now]
         return units(picked)
 
+    def defer(self, seqs: Iterable[int], *, until: int) -> None:
+        """Push none of these before `until` (the recipient is pulling them); only in memory."""
+        for seq in seqs:
+            e = self.pending.get(seq)
+            if e is not None and e.next_try < until:
+                e.next_try = until
+
     def next_due(self) -> int | None:
         return min((e.next_try for e in self.pending.values()), default=None)
 
