@@ -276,6 +276,22 @@ async def test_a_batch_pushed_again_is_answered_duplicate_without_being_verified
     assert len(await b.store.call(records.list_records, "in")) == 4                 # (kept, without the seq)
 
 
+async def test_no_push_to_a_recipient_while_it_pulls_and_pushes_again_after_its_ack(nodes, tmp_path):
+    """A catch-up pulled and pushed at once sends (and has verified) every record twice."""
+    from node.sync.messages import Ack, Want
+    a, b = nodes
+    first, _, _ = await sealed_record(a, tmp_path, b)
+    second, _, _ = await sealed_record(a, tmp_path, b)
+    listing = await a.courier.on_want(b.node_id, Want(since=0, after=0), 1)     # B pulls, one at a time
+    assert [o.record_id for o in listing.offers] == [first]
+    assert await a.courier.run_due() == 0                                       # nothing pushed meanwhile
+    assert not await b.store.call(records.has_record, second)
+    await a.courier.on_ack(b.node_id, Ack(upto=0))                              # the pull is over
+    assert await a.courier.run_due() == 1                                       # the rest goes by push ...
+    assert await b.store.call(records.has_record, second)
+    assert not await b.store.call(records.has_record, first)                    # ... not what B was fetching
+
+
 async def test_record_not_for_this_node_is_refused(tmp_path, nodes):
     a, b = nodes
     c = await make(tmp_path, "C", serve=False)

@@ -38,6 +38,8 @@ from .ports import Ports
 log = logging.getLogger("cabinet.courier")
 PULL_INTERVAL = 30.0
 PULL_GRACE_MS = 10_000                   # a record a recipient is pulling is not pushed for this long
+PULLING_MS = 3_000                       # after a want, the rounds push nothing to that recipient (its pull
+                                         # goes on with the next want, and ends with an ack) for this long
 PRUNE_EVERY = 1_000                      # outbox change numbers between two prunings of old ones
 FAILURES = (TransportError, InvalidSignature, RemoteProtocolError, InvalidEnvelope)
 Locate = Callable[[dict], Peer]
@@ -54,6 +56,7 @@ class Courier(Loop):
         self._mark: int | None = None          # the last outbox change number taken in (records.stream_out)
         self._pruned = 0                       # the change number at the last pruning
         self._active: set[str] = set()         # recipients with a push in progress
+        self._pulling: dict[str, int] = {}     # recipient -> until when it is taken to be pulling (Unix ms)
 
     # --- sessions, kept in step with the store -------------------------------------------
 
@@ -137,6 +140,7 @@ class Courier(Loop):
     # --- what the recipient tells us (through the delivery endpoints) -------------------
 
     async def on_ack(self, recipient: str, ack: Ack) -> int:
+        self._pulling.pop(recipient, None)            # a pull ends with its ack: pushes may go again
         session = await self.session(recipient)
         settled = await self.apply(recipient, session.on_ack(ack))
         await self._note_held(recipient, session.held_unknown([ack.upto, *ack.have]))
@@ -150,6 +154,7 @@ class Courier(Loop):
         listing, effects = session.on_want(want, limit, settled)
         # The recipient is fetching these itself: pushing them too would send (and have it verify) them twice.
         session.defer([o.seq for o in listing.offers], until=self.ports.clock() + PULL_GRACE_MS)
+        self._pulling[recipient] = self.ports.clock() + PULLING_MS
         await self.apply(recipient, effects)
         await self._note_held(recipient, session.held_unknown([want.since]))
         return listing
@@ -166,14 +171,15 @@ class Courier(Loop):
 
     async def round(self) -> float:
         await self.run_due()
-        nxt = min((n for s in self._sessions.values() if (n := s.next_due()) is not None), default=None)
+        nxt = min((max(n, self._pulling.get(r, 0)) for r, s in self._sessions.items()
+                   if (n := s.next_due()) is not None), default=None)
         return 5.0 if nxt is None else min(5.0, max(0.05, (nxt - self.ports.clock()) / 1000))
 
     async def run_due(self) -> int:
         """Push everything due now, one task per recipient; then send the receipts we owe."""
         await self.refresh()
         now = self.ports.clock()
-        due = {r: u for r, s in self._sessions.items() if (u := s.due(now))}
+        due = {r: u for r, s in self._sessions.items() if self._pulling.get(r, 0) <= now and (u := s.due(now))}
         results = await asyncio.gather(*(self._stream(r, u) for r, u in due.items()), return_exceptions=True)
         for r in results:                     # one recipient's trouble never stops the others
             if isinstance(r, BaseException) and not isinstance(r, Exception):
