@@ -466,10 +466,11 @@ def make_pair(root: Path, sender_name: str = "Dr Anne Martin",
 class Sink:
     port: int
     proc: subprocess.Popen
+    tls: bool = False
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -480,26 +481,34 @@ class Sink:
             self.proc.wait()
 
 
-def start_sink(store_dir: Path | None = None, timeout: float = 20) -> Sink:
+def start_sink(store_dir: Path | None = None, timeout: float = 20, tls: bool = False) -> Sink:
+    """The bare aiohttp server; with `tls`, behind the node's own TLS 1.3 server context (a fresh
+    identity's certificate), so that a baseline pays what TLS costs a node and nothing else."""
     port = free_port()
-    extra = [str(store_dir)] if store_dir else []
+    extra = [str(store_dir) if store_dir else "-"] + (["tls"] if tls else [])
     proc = subprocess.Popen([sys.executable, str(Path(__file__)), "sink", str(port), *extra], cwd=ROOT, env=base_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if "listening" in line:
-            return Sink(port, proc)
+            return Sink(port, proc, tls)
         if not line:
             break
     proc.kill()
     raise RuntimeError("baseline sink server did not start")
 
 
-def _serve_sink(port: int, store_dir: str | None = None) -> None:
+def _serve_sink(port: int, store_dir: str | None = None, tls: bool = False) -> None:
     import asyncio
 
     from aiohttp import web
+    context = None
+    if tls:
+        sys.path.insert(0, str(ROOT))
+        from node.core.identity import Identity
+        from node.transport.tls import ServerTLS
+        context = ServerTLS(Identity.generate(), int(time.time() * 1000)).context
 
     async def swallow(request: web.Request) -> web.Response:
         n = 0
@@ -523,7 +532,7 @@ def _serve_sink(port: int, store_dir: str | None = None) -> None:
         app.router.add_route("*", "/{tail:.*}", swallow)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True, backlog=512).start()
+        await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True, backlog=512, ssl_context=context).start()
         print(f"sink listening on 127.0.0.1:{port}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -536,8 +545,9 @@ def _serve_sink(port: int, store_dir: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) in (3, 4) and sys.argv[1] == "sink":
-        _serve_sink(int(sys.argv[2]), sys.argv[3] if len(sys.argv) == 4 else None)
+    if len(sys.argv) in (3, 4, 5) and sys.argv[1] == "sink":
+        _serve_sink(int(sys.argv[2]), sys.argv[3] if len(sys.argv) >= 4 and sys.argv[3] != "-" else None,
+                    tls=sys.argv[4:] == ["tls"])
     else:
         print(__doc__)
         sys.exit(2)

@@ -24,7 +24,10 @@ Baseline (same run, same file): a bare aiohttp server process on 127.0.0.1
 (scripts/bench_common.py sink) whose handler reads the body with iter_any and
 discards it; an aiohttp client in its own process uploads the file with a PUT
 whose body is an async generator of 1 MiB pieces. Best of --repeat (at least
-3 for the baseline, which is quick).
+3 for the baseline, which is quick). Nodes speak only TLS 1.3 to each other
+(docs/transport.md), so the same upload is also timed against the same server
+behind the node's own TLS server context (informational: "cabinet / bare over
+TLS" is what the node costs beyond TLS itself).
 
 Targets: cabinet >= 0.5 x baseline throughput; each node process's peak RSS
 under 150 MiB, and not growing with the file size. A fresh receiver process is
@@ -114,7 +117,7 @@ async def _upload_worker(url: str, file: str, route: str = "/upload") -> dict:
     bc.reset_peak_rss()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=120)) as s:
         t0 = time.perf_counter()
-        async with s.put(url + route, data=pieces(),
+        async with s.put(url + route, data=pieces(), ssl=False,           # https: TLS 1.3, certificate not checked
                          headers={"Content-Type": "application/octet-stream"}) as resp:
             body = await resp.read()
             status = resp.status
@@ -156,13 +159,15 @@ def main() -> int:
     bc.header(f"bench_delivery: one attachment of {', '.join(map(str, sizes))} MiB node -> node on 127.0.0.1",
               a.quiet_wait)
     results = []
-    sink = None
+    tls_best: dict[int, dict] = {}
+    sink = tls_sink = None
     receiver = None
     with bc.time_limit(a.time_limit), bc.temp_dir(keep=a.keep) as tmp:
         try:
             gp, cardio = bc.make_pair(tmp, receiver_name=RECEIVER)
             (tmp / "sink").mkdir()
             sink = bc.start_sink(tmp / "sink")
+            tls_sink = bc.start_sink(tls=True)
             for mib in sizes:
                 size = mib * bc.MiB
                 src = bc.make_file(tmp / f"scan-{mib}.bin", size)
@@ -179,6 +184,12 @@ def main() -> int:
                     if b["status"] != 200 or b["received"] != size:
                         raise RuntimeError(f"baseline upload failed: {b}")
                 b_best = min(base, key=lambda b: b["seconds"])
+                over_tls = [run_worker(["_upload", tls_sink.url, str(src)], worker_timeout) for _ in range(max(3, a.repeat))]
+                if any(t["status"] != 200 or t["received"] != size for t in over_tls):
+                    raise RuntimeError(f"baseline upload over TLS failed: {over_tls}")
+                t_best = min(over_tls, key=lambda b: b["seconds"])
+                print(f"   {mib} MiB baseline over TLS 1.3: "
+                      + ", ".join(f"{bc.rate(size, b['seconds']):.0f}" for b in over_tls) + " MiB/s", flush=True)
                 print(f"   {mib} MiB baseline: " + ", ".join(f"{bc.rate(size, b['seconds']):.0f}" for b in base)
                       + " MiB/s", flush=True)
                 prime = {"BENCH_PRIME_DIR": str(tmp), "BENCH_PRIME_BYTES": str(size + 256 * bc.MiB)} if a.prime else {}
@@ -223,6 +234,7 @@ def main() -> int:
                           f"receiver {s['receiver_cpu']}", flush=True)
                 best = min(runs, key=lambda s: s["deliver_s"])
                 results.append((mib, size, b_best, best, d_best))
+                tls_best[mib] = t_best
                 for path in (tmp / "gp" / "blobs", tmp / "cardio" / "blobs"):
                     for f in path.rglob("*"):              # free the disk for the next size
                         if f.is_file():
@@ -233,6 +245,8 @@ def main() -> int:
                 receiver.stop()
             if sink is not None:
                 sink.stop()
+            if tls_sink is not None:
+                tls_sink.stop()
 
     print()
     print(f"   {'size':>6}  {'baseline MiB/s':>14}  {'cabinet MiB/s':>13}  {'ratio':>5}  {'target':>6}  "
@@ -246,6 +260,11 @@ def main() -> int:
     for mib, size, b, s, d in results:
         print(f"   {mib} MiB: informational floor with the body written + fsynced by the bare server: "
               f"{bc.rate(size, d['seconds']):.0f} MiB/s; cabinet / that = {d['seconds'] / s['deliver_s']:.2f}")
+    for mib, size, b, s, _ in results:
+        t = tls_best[mib]
+        print(f"   {mib} MiB over TLS: bare aiohttp upload over TLS 1.3 {bc.rate(size, t['seconds']):.0f} MiB/s "
+              f"({b['seconds'] / t['seconds']:.2f} of plain HTTP's rate); cabinet / bare over TLS = "
+              f"{t['seconds'] / s['deliver_s']:.2f}")
     for mib, size, b, s, _ in results:
         print(f"   {mib} MiB: CPU per MiB: bare aiohttp server {1000 * b['server_cpu'] / mib:.2f} ms, "
               f"cabinet receiver {1000 * s['receiver_cpu_total'] / mib:.2f} ms, cabinet sender "

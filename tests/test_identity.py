@@ -393,3 +393,14 @@ def test_malformed_or_unusable_ipv6_urls_are_refused(url):
     d = Identity.generate().descriptor(name="Dr V6", addresses=(url,), seq=1, now_ms=NOW)
     with pytest.raises(RemoteProtocolError, match="bad address list"):
         Descriptor.from_wire(d.signed)
+
+
+def test_a_descriptor_read_again_is_not_verified_again_and_a_forgery_always_fails():
+    d = make()
+    first, again = Descriptor.from_wire(d.signed), Descriptor.from_wire(bytes(d.signed))
+    assert first == d and again is first                       # the same bytes: the same immutable descriptor
+    outer = wire.unpack(d.signed)
+    forged = wire.pack({"body": outer["body"], "sig": bytes(64)})
+    for _ in range(2):                                         # a failure is never remembered as a success
+        with pytest.raises(InvalidSignature):
+            Descriptor.from_wire(forged)

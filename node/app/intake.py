@@ -264,7 +264,8 @@ class Intake:
 
     async def _small(self, sender: str, items: list[PushItem], out: BatchOutcome) -> BatchOutcome:
         session = await self.session(sender)        # only seqs it knows committed can be held: no store call else
-        maybe = [(i.seq, i.head) for i in items if i.seq <= session.cursor or i.seq in session.above]
+        maybe = [(i.seq, i.head) for i in items
+                 if i.seq is not None and (i.seq <= session.cursor or i.seq in session.above)]
         held = await self.ports.store.call(records.held_exactly, sender, maybe) if maybe else set()
         if held:            # byte for byte what is stored (and was verified then): a duplicate, as before
             for item in items:

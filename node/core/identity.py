@@ -189,7 +189,16 @@ class Descriptor:
 
     @classmethod
     def from_wire(cls, data: bytes) -> "Descriptor":
-        """Decode and verify a signed descriptor; any failure is one clear error."""
+        """Decode and verify a signed descriptor; any failure is one clear error.
+
+        The same bytes give the same (immutable) descriptor: the last 1,024 decoded are kept, so a
+        contact's stored descriptor read for each referral is not parsed and verified each time."""
+        if cls is not Descriptor:
+            return cls._decode(bytes(data))
+        return _descriptor_of(bytes(data))
+
+    @classmethod
+    def _decode(cls, data: bytes) -> "Descriptor":
         what = "descriptor"
         outer = wire.unpack(data, max_size=MAX_DESCRIPTOR, what=what)
         wire.only_fields(outer if isinstance(outer, dict) else {}, {"body", "sig"}, what=what)
@@ -294,3 +303,9 @@ class Identity:
         body = wire.pack(d._body())
         signed = wire.pack({"body": body, "sig": self.sign("descriptor", body)})
         return replace(d, signed=signed)
+
+
+@functools.lru_cache(maxsize=1024)
+def _descriptor_of(data: bytes) -> Descriptor:
+    """Descriptor.from_wire, remembered (a failure raises again each time; nothing is kept of it)."""
+    return Descriptor._decode(data)
