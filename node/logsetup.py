@@ -103,7 +103,7 @@ class HoldFlush:
 
 
 class Stream(HoldFlush, logging.StreamHandler):
-    pass
+    """stderr under `cabinet run`, flushed once per burst by the log writer (store/logwriter.py)."""
 
 
 class _PrivateRotatingFile(HoldFlush, logging.handlers.RotatingFileHandler):

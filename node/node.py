@@ -54,6 +54,7 @@ from .logsetup import clean as clean_for_log
 from .store.logwriter import setup as setup_logging
 from .store import backup as backup_store
 from .store import keyfile, records
+from .store.keyfile import write_atomic as write_private      # a file of the data folder, 0600, atomically
 from .store.blobs import BlobStore
 from .store.patients import ANY as ANY_REQUESTER
 from .store.db import DBFILE, Store
@@ -67,7 +68,7 @@ __all__ = [
     "Node", "Config", "Summary", "RecordView", "SendResult", "EarlierCopy", "Card", "Descriptor", "Found",
     "Attachment", "Principal", "BackupReport", "ROLES", "SCOPES", "ANY_REQUESTER", "MAX_ATTACHMENT",
     "MAX_ATTACHMENTS", "cards", "consent", "default_data_dir", "parse_listen", "valid_address", "normalize_node_id",
-    "now_ms", "check_born", "safe_name", "contact_state", "setup_logging", "clean_for_log",
+    "now_ms", "check_born", "safe_name", "contact_state", "setup_logging", "clean_for_log", "write_private",
     "CabinetError", "UsageError", "NotFound", "AlreadyExists", "AuthenticationFailed", "InvalidEnvelope",
     "StoreError", "TooLarge", "TooManyAttempts", "WrongPassphrase", "DESCRIPTOR_PREFIX",
     "Event", "EventBus", "Subscription", "RecordReceived", "RecordStored", "DeliveryChanged", "RecordOpened",

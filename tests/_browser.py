@@ -112,3 +112,13 @@ async def tab_to(page, selector: str, limit: int = 60) -> None:
             return
         await page.keyboard.press("Tab")
     raise AssertionError(f"{selector} cannot be reached with the Tab key")
+
+
+@pytest.fixture
+async def browser():
+    """One headless chromium per test (import this fixture into the test module)."""
+    from playwright.async_api import async_playwright
+    async with async_playwright() as pw:
+        chromium = await launch(pw)
+        yield chromium
+        await chromium.close()

@@ -16,12 +16,11 @@ from urllib.parse import quote, quote_plus
 
 import aiohttp
 import pytest
-from playwright.async_api import async_playwright
 
 from node.node import Card, cards, consent, now_ms
 from node.faces.web import patients_pages
 from node.faces.web.pages import PAGES, PUBLIC
-from _browser import PASSWORD, UNLABELLED, close, launch, practice, screenshots, sign_in, tab_to, until
+from _browser import PASSWORD, UNLABELLED, browser, close, practice, screenshots, sign_in, tab_to, until  # noqa: F401 (a fixture)
 
 PATIENT = "Jeanne Zéphyrine Martin"
 MB = 1024 * 1024
@@ -35,14 +34,6 @@ async def pair(tmp_path):
     await b.node.add_contact(a.node.descriptor.signed)
     yield a, b
     await close(a, b)
-
-
-@pytest.fixture
-async def browser():
-    async with async_playwright() as pw:
-        chromium = await launch(pw)
-        yield chromium
-        await chromium.close()
 
 
 def watch_urls(context, seen: list[str]) -> None:

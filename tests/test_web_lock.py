@@ -16,13 +16,12 @@ import re
 import aiohttp
 import pytest
 from yarl import URL
-from playwright.async_api import async_playwright
 
 from conftest import PASSPHRASE
 from node import Node
 from node.faces.web import lock
 from node.faces.web.server import WebServer, start_web
-from _browser import PASSWORD, launch, sign_in
+from _browser import PASSWORD, browser, sign_in  # noqa: F401 (a fixture)
 
 PATIENT = "Zéphyrine Canarywood"
 MINUTE = 60_000
@@ -226,14 +225,6 @@ async def test_the_event_stream_of_a_locked_session_ends(site, monkeypatch):
 
 
 # --- in a browser --------------------------------------------------------------------------------
-
-@pytest.fixture
-async def browser():
-    async with async_playwright() as pw:
-        chromium = await launch(pw)
-        yield chromium
-        await chromium.close()
-
 
 # what each page looked like as it was left (test instrumentation, injected by the browser, not the app)
 LAST_LOOK = """window.addEventListener("pagehide", () => sessionStorage.setItem("left",

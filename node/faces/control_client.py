@@ -18,6 +18,7 @@ The protocol, one request per connection:
 from __future__ import annotations
 
 import array
+import contextlib
 import json
 import os
 import socket
@@ -130,10 +131,9 @@ def ask(folder: Path, cmd: str, args: dict, *, fds: Sequence[int] = (),
     sock = sock or connect(folder)
     with sock:
         try:
-            try:
+            # A node that refused us at once (another user) may close before we finish: its answer is below.
+            with contextlib.suppress(ConnectionError):
                 send_frame(sock, {"v": VERSION, "cmd": cmd, "args": args, "fds": len(fds)}, fds)
-            except ConnectionError:
-                pass                         # a node that refused us at once (another user): its answer is below
             sock.settimeout(None)            # a send to a slow colleague may take long: progress says so
             while True:
                 frame = recv_frame(sock)

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import ipaddress
 import json
 import logging
-import os
 import re
 import secrets
 import socket
@@ -113,7 +113,7 @@ def local_addresses() -> list[str]:
     """This machine's non-loopback, non-link-local addresses: IPv4 per interface (SIOCGIFADDR),
     IPv6 from /proc/net/if_inet6 (Linux; elsewhere only what the host name resolves to)."""
     found: list[str] = []
-    try:
+    with contextlib.suppress(ImportError, OSError, AttributeError):     # no fcntl or no interfaces: none
         import fcntl
         import struct
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -123,18 +123,12 @@ def local_addresses() -> list[str]:
                 except OSError:                 # no IPv4 address on this interface
                     continue
                 found.append(socket.inet_ntoa(packed[20:24]))
-    except (ImportError, OSError, AttributeError):
-        pass
-    try:
+    with contextlib.suppress(OSError, ValueError, IndexError):          # not Linux, or no IPv6
         for line in Path("/proc/net/if_inet6").read_text("ascii").splitlines():
             found.append(str(ipaddress.IPv6Address(bytes.fromhex(line.split()[0]))))
-    except (OSError, ValueError, IndexError):
-        pass
     if not found:
-        try:
+        with contextlib.suppress(OSError):                              # the host name does not resolve
             found = [str(i[4][0]) for i in socket.getaddrinfo(socket.gethostname(), None)]
-        except OSError:
-            pass
     ips = [ip for ip in map(_ip, found) if ip is not None and not (ip.is_loopback or ip.is_link_local
                                                                    or ip.is_unspecified)]
     return [str(ip) for ip in dict.fromkeys(ips)]
@@ -182,28 +176,13 @@ def load(folder: Path, open_secret: Callable[[str, bytes], bytes] | None = None)
     return dataclasses.replace(cert, context=ctx)
 
 
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def _store(folder: Path, made: dict, sealed: bytes, host: str) -> None:
+    from ...node import write_private
     folder.mkdir(mode=0o700, exist_ok=True)
     info = {k: made[k] for k in ("sha256", "not_before", "not_after", "dns", "ips")} | {"host": host}
     for name, data in ((KEY, made["key"].encode()), (PASS, sealed), (CERT, made["cert"].encode()),
                        (INFO, json.dumps(info, indent=1).encode())):      # cert.json last: it marks a whole set
-        _write(folder / name, data)
-    dfd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+        write_private(folder / name, data)                                  # each fsynced, with the folder
 
 
 async def _child(request: dict) -> dict:
