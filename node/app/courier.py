@@ -69,7 +69,7 @@ class Courier(Loop):
         store = self.ports.store
         if self._mark is None:
             lasts = await store.call(records.last_seqs)
-            await self._open({recipient: last for recipient, (last, _) in lasts.items()})
+            await self._open(lasts)
         rows, mark, full = await store.call(records.stream_out, self._mark)
         await self._open({r["recipient"]: 0 for r in rows if r["recipient"] not in self._sessions})
         entries: dict[str, list[Entry]] = {}

@@ -92,7 +92,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     UNIQUE (recipient, seq)
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_try);
-CREATE INDEX IF NOT EXISTS deliveries_updated ON deliveries (updated);
+DROP INDEX IF EXISTS deliveries_updated;          -- no query reads by `updated` since outbox_changes
 -- Every change to what a sender session holds of a delivery, numbered in commit order (the
 -- number is given under SQLite's write lock): a courier takes in what changed since the last
 -- number it saw, its own process's changes and another's (`cabinet send`) alike, without

@@ -495,13 +495,11 @@ def prune_outbox_changes(db: sqlite_utils.Database, upto: int) -> None:
         conn.execute("DELETE FROM outbox_changes WHERE n <= ?", (upto - KEEP_CHANGES,))
 
 
-def last_seqs(db: sqlite_utils.Database) -> dict[str, tuple[int, int]]:
-    """Per recipient: the highest seq ever given out, and the latest `updated` of its deliveries."""
-    out = {r: (s, u) for r, s, u in db.conn.execute(
-        "SELECT recipient, MAX(seq), MAX(updated) FROM deliveries GROUP BY recipient")}
-    for r, floor in seqs.floors(db.conn).items():        # after a restore: the voids count as given out
-        s, u = out.get(r, (0, 0))
-        out[r] = (max(s, floor), u)
+def last_seqs(db: sqlite_utils.Database) -> dict[str, int]:
+    """Per recipient: the highest seq ever given out (after a restore, its voids count as given out)."""
+    out: dict[str, int] = dict(db.conn.execute("SELECT recipient, MAX(seq) FROM deliveries GROUP BY recipient"))
+    for r, floor in seqs.floors(db.conn).items():
+        out[r] = max(out.get(r, 0), floor)
     return out
 
 
@@ -552,12 +550,11 @@ def schedule_retries(db: sqlite_utils.Database, recipient: str,
 
 
 def update_delivery(db: sqlite_utils.Database, record_id: str, recipient: str, *, now: int,
-                    event: str | None = None, unless_delivered: bool = False, **fields) -> None:
+                    event: str | None = None, **fields) -> None:
     fields["updated"] = now
     cols = ", ".join(f"{k} = ?" for k in fields)
-    guard = f" AND state NOT IN {_SETTLED}" if unless_delivered else ""
     with transaction(db):
-        db.conn.execute(f"UPDATE deliveries SET {cols} WHERE record_id = ? AND recipient = ?{guard}",
+        db.conn.execute(f"UPDATE deliveries SET {cols} WHERE record_id = ? AND recipient = ?",
                         [*fields.values(), record_id, recipient])
         if event:
             audit.append(db, at=now, event=event, record=record_id, peer=recipient)
